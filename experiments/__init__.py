@@ -1,0 +1,1 @@
+"""Command-line experiments built on the jaxseq library (run with ``python -m experiments.X``)."""

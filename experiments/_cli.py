@@ -1,0 +1,91 @@
+"""Shared command-line plumbing: flags from a frozen dataclass, one-line errors.
+
+Each experiment keeps every setting in one frozen dataclass whose fields carry their help
+text in ``metadata``; ``add_dataclass_flags`` turns the fields into ``--kebab-case`` flags so
+``--help`` lists every setting with its default. ``run_main`` turns ``UsageError`` (and
+other expected failures such as a full disk) into ``error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import Any, Callable, Sequence
+
+from jaxseq.errors import UsageError
+
+
+def field(default: Any, help: str, *, choices: Sequence[Any] | None = None, **kw: Any) -> Any:
+    """A dataclass field carrying its ``--help`` text (and optional choices)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, **kw})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return _Parser(prog=prog, description=description,
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def _positive_or_any(kind: type) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """Adds one ``--flag`` per field of the dataclass ``cls`` (bools become on/off pairs)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.metadata.get("cli") is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        kind = hints[f.name]
+        if kind is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=f.default, help=help_text)
+            continue
+        origin = typing.get_origin(kind)
+        if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(kind) is tuple:
+            inner = typing.get_args(kind)[0]
+            p.add_argument(flag, dest=f.name, nargs="+", type=_positive_or_any(inner),
+                           default=f.default, help=help_text)
+            continue
+        p.add_argument(flag, dest=f.name, type=_positive_or_any(kind), default=f.default,
+                       choices=f.metadata.get("choices"), help=help_text,
+                       metavar=f.metadata.get("metavar"))
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    for k, v in values.items():
+        if isinstance(v, list):
+            values[k] = tuple(v)
+    values.update(overrides)
+    return cls(**values)
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Calls ``main(argv)``; expected failures become one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # full disk, unwritable directory, ...
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2

@@ -1,0 +1,36 @@
+"""jaxseq: pure-functional recurrent sequence models in JAX.
+
+Cells are pure functions over explicit parameter pytrees; ``unroll`` scans one over time
+with the input projection hoisted out of the loop; ``stack`` builds deep and
+bidirectional networks.
+
+    >>> import jax, jax.numpy as jnp, jaxseq
+    >>> cell = jaxseq.lstm(32)
+    >>> params = cell.init(jax.random.key(0), 8)
+    >>> xs = jnp.ones((20, 4, 8))                  # (T, batch, F)
+    >>> carry, ys = jaxseq.unroll(cell, params, cell.initial_carry((4,)), xs)
+    >>> ys.shape
+    (20, 4, 32)
+"""
+
+from jaxseq._cells import (
+    CELLS,
+    Cell,
+    GRUParams,
+    LSTMParams,
+    LSTMState,
+    RNNParams,
+    gru,
+    lstm,
+    make_cell,
+    rnn,
+)
+from jaxseq._unroll import Stack, reference_unroll, stack, unroll
+from jaxseq.errors import UsageError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CELLS", "Cell", "GRUParams", "LSTMParams", "LSTMState", "RNNParams", "Stack",
+    "UsageError", "gru", "lstm", "make_cell", "reference_unroll", "rnn", "stack", "unroll",
+]

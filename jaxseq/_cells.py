@@ -1,0 +1,274 @@
+"""Recurrent cells as pure functions over explicit parameter pytrees.
+
+A cell is a ``Cell`` of pure functions (the optax pattern: a NamedTuple built by a
+factory that closes over hyperparameters). ``apply(params, carry, x) -> (carry, y)`` is
+exactly ``jax.lax.scan``'s body signature. Features live on the last axis and every
+leading axis is batch.
+
+Every cell splits its step in two so that ``unroll`` can hoist work out of the time loop:
+
+* ``project(params, xs)`` is the input-to-hidden product ``xs @ W_ih + b`` for any number
+  of leading axes (a whole sequence at once, as one large matmul);
+* ``step(params, carry, z)`` is the rest of the recurrence, given the projected input ``z``.
+
+``apply(params, carry, x) == step(params, carry, project(params, x))``.
+
+Gate matrices are fused: an LSTM holds one ``(F, 4H)`` input matrix and one ``(H, 4H)``
+recurrent matrix, gate order ``i, f, g, o`` (PyTorch's); a GRU holds ``(F, 3H)`` and
+``(H, 3H)``, gate order ``r, z, n``. Weights are stored ``(in, out)`` so that ``x @ W``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PRNGKey = jax.Array
+Params = Any
+Carry = Any
+
+
+class Cell(NamedTuple):
+    """A recurrent cell as pure functions.
+
+    Attributes:
+      init: ``(key, input_size) -> params``.
+      apply: ``(params, carry, x: (*batch, F)) -> (carry, y: (*batch, H))``.
+      initial_carry: ``(batch_shape, dtype=float32) -> carry`` of zeros.
+      project: ``(params, xs: (..., F)) -> zs: (..., G*H)``, the hoistable input product.
+      step: ``(params, carry, z: (*batch, G*H)) -> (carry, y)``.
+      hidden_size: H.
+      name: ``"rnn"``, ``"lstm"`` or ``"gru"``.
+      num_gates: G, the number of H-wide blocks in the fused matrices.
+    """
+
+    init: Callable[[PRNGKey, int], Params]
+    apply: Callable[[Params, Carry, Array], tuple[Carry, Array]]
+    initial_carry: Callable[..., Carry]
+    project: Callable[[Params, Array], Array]
+    step: Callable[[Params, Carry, Array], tuple[Carry, Array]]
+    hidden_size: int
+    name: str
+    num_gates: int
+
+
+class RNNParams(NamedTuple):
+    w_ih: Array  # (F, H)
+    w_hh: Array  # (H, H)
+    b: Array  # (H,)  = b_ih + b_hh of the two-bias formulation
+
+
+class LSTMParams(NamedTuple):
+    w_ih: Array  # (F, 4H), gate blocks i, f, g, o
+    w_hh: Array  # (H, 4H)
+    b: Array  # (4H,)  forget block initialised to forget_bias
+
+
+class LSTMState(NamedTuple):
+    """The LSTM carry, named so that (h, c) versus (c, h) is never a question."""
+
+    h: Array  # (*batch, H) hidden state, also the output
+    c: Array  # (*batch, H) cell state
+
+
+class GRUParams(NamedTuple):
+    w_ih: Array  # (F, 3H), gate blocks r, z, n
+    w_hh: Array  # (H, 3H)
+    b: Array  # (3H,)  input-side bias (b_ir + b_hr, b_iz + b_hz, b_in)
+    b_hn: Optional[Array]  # (H,) recurrent bias of n, inside r * (.); None when reset_after=False
+
+
+def _glorot_uniform(key: PRNGKey, fan_in: int, fan_out: int, dtype) -> Array:
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, (fan_in, fan_out), dtype, -limit, limit)
+
+
+def _orthogonal_blocks(key: PRNGKey, hidden: int, blocks: int, dtype) -> Array:
+    """``(H, blocks*H)``: an independent orthogonal ``(H, H)`` matrix per gate."""
+    init = jax.nn.initializers.orthogonal()
+    keys = jax.random.split(key, blocks)
+    return jnp.concatenate([init(k, (hidden, hidden), dtype) for k in keys], axis=1)
+
+
+def _zeros_carry(hidden: int) -> Callable[..., Array]:
+    def initial_carry(batch_shape: tuple[int, ...] = (), dtype=jnp.float32) -> Array:
+        return jnp.zeros((*tuple(batch_shape), hidden), dtype)
+    return initial_carry
+
+
+def _project(params, xs: Array) -> Array:
+    return xs @ params.w_ih.astype(xs.dtype) + params.b.astype(xs.dtype)
+
+
+def _check_sizes(hidden_size: int) -> None:
+    if not isinstance(hidden_size, int) or hidden_size <= 0:
+        raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+
+
+def rnn(hidden_size: int, *, activation: str = "tanh", param_dtype=jnp.float32) -> Cell:
+    """The vanilla (Elman) recurrent cell.
+
+    Equations (``x_t: (*batch, F)``, ``h_t: (*batch, H)``)::
+
+        h_t = act(x_t W_ih + b_ih + h_{t-1} W_hh + b_hh)
+
+    with ``act`` tanh (default) or relu; the two biases are stored summed as ``b``.
+    The carry is ``h``; the output is ``h_t``.
+
+    Args:
+      hidden_size: H.
+      activation: ``"tanh"`` or ``"relu"``.
+      param_dtype: dtype of the parameters made by ``init``.
+    """
+    _check_sizes(hidden_size)
+    acts = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+    if activation not in acts:
+        raise ValueError(f"activation must be 'tanh' or 'relu', got {activation!r}")
+    act = acts[activation]
+    H = hidden_size
+
+    def init(key: PRNGKey, input_size: int) -> RNNParams:
+        k_ih, k_hh = jax.random.split(key)
+        return RNNParams(
+            w_ih=_glorot_uniform(k_ih, input_size, H, param_dtype),
+            w_hh=_orthogonal_blocks(k_hh, H, 1, param_dtype),
+            b=jnp.zeros((H,), param_dtype),
+        )
+
+    def step(params: RNNParams, h: Array, z: Array) -> tuple[Array, Array]:
+        h = act(z + h @ params.w_hh.astype(z.dtype))
+        return h, h
+
+    def apply(params: RNNParams, h: Array, x: Array) -> tuple[Array, Array]:
+        return step(params, h, _project(params, x))
+
+    return Cell(init, apply, _zeros_carry(H), _project, step, H, "rnn", 1)
+
+
+def lstm(hidden_size: int, *, forget_bias: float = 1.0, param_dtype=jnp.float32) -> Cell:
+    """The LSTM cell (Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al.).
+
+    Equations, ``[h, x] W`` written as ``x W_i* + h W_h*`` on fused matrices::
+
+        i_t  = σ(x_t W_ii + h_{t-1} W_hi + b_i)        input gate
+        f_t  = σ(x_t W_if + h_{t-1} W_hf + b_f)        forget gate
+        C̃_t = tanh(x_t W_ig + h_{t-1} W_hg + b_g)     candidate
+        o_t  = σ(x_t W_io + h_{t-1} W_ho + b_o)        output gate
+        C_t  = f_t * C_{t-1} + i_t * C̃_t
+        h_t  = o_t * tanh(C_t)
+
+    The carry is ``LSTMState(h, c)`` with both ``(*batch, H)``; the output is ``h_t``.
+    ``b_f`` starts at ``forget_bias`` (1.0, Gers et al. 2000; Jozefowicz et al. 2015).
+
+    Args:
+      hidden_size: H.
+      forget_bias: initial value of the forget-gate bias.
+      param_dtype: dtype of the parameters made by ``init``.
+    """
+    _check_sizes(hidden_size)
+    H = hidden_size
+
+    def init(key: PRNGKey, input_size: int) -> LSTMParams:
+        k_ih, k_hh = jax.random.split(key)
+        b = jnp.zeros((4 * H,), param_dtype).at[H:2 * H].set(forget_bias)
+        return LSTMParams(
+            w_ih=_glorot_uniform(k_ih, input_size, 4 * H, param_dtype),
+            w_hh=_orthogonal_blocks(k_hh, H, 4, param_dtype),
+            b=b,
+        )
+
+    def initial_carry(batch_shape: tuple[int, ...] = (), dtype=jnp.float32) -> LSTMState:
+        zeros = jnp.zeros((*tuple(batch_shape), H), dtype)
+        return LSTMState(h=zeros, c=zeros)
+
+    def step(params: LSTMParams, carry: LSTMState, z: Array) -> tuple[LSTMState, Array]:
+        z = z + carry.h @ params.w_hh.astype(z.dtype)
+        i, f, g, o = jnp.split(z, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return LSTMState(h=h, c=c), h
+
+    def apply(params: LSTMParams, carry: LSTMState, x: Array) -> tuple[LSTMState, Array]:
+        return step(params, carry, _project(params, x))
+
+    return Cell(init, apply, initial_carry, _project, step, H, "lstm", 4)
+
+
+def gru(hidden_size: int, *, reset_after: bool = True, param_dtype=jnp.float32) -> Cell:
+    """The GRU cell in either published convention.
+
+    ``reset_after=True`` (cuDNN, PyTorch, Keras v3, flax.linen ``GRUCell``)::
+
+        r_t = σ(x_t W_ir + h_{t-1} W_hr + b_r)
+        z_t = σ(x_t W_iz + h_{t-1} W_hz + b_z)
+        n_t = tanh(x_t W_in + b_in + r_t * (h_{t-1} W_hn + b_hn))
+        h_t = (1 - z_t) * n_t + z_t * h_{t-1}
+
+    ``reset_after=False`` (Cho et al. 2014, the lecture's form)::
+
+        r_t = σ(W_r · [h_{t-1}, x_t] + b_r)
+        z_t = σ(W_z · [h_{t-1}, x_t] + b_z)
+        h̃_t = tanh(W · [r_t * h_{t-1}, x_t] + b)
+        h_t = (1 - z_t) * h_{t-1} + z_t * h̃_t
+
+    Note that ``z`` plays opposite roles in the two: it keeps the old state after the reset
+    in PyTorch's form and admits the new candidate in Cho's. The carry is ``h``
+    ``(*batch, H)``; the output is ``h_t``.
+
+    Args:
+      hidden_size: H.
+      reset_after: which convention (see above).
+      param_dtype: dtype of the parameters made by ``init``.
+    """
+    _check_sizes(hidden_size)
+    H = hidden_size
+
+    def init(key: PRNGKey, input_size: int) -> GRUParams:
+        k_ih, k_hh = jax.random.split(key)
+        return GRUParams(
+            w_ih=_glorot_uniform(k_ih, input_size, 3 * H, param_dtype),
+            w_hh=_orthogonal_blocks(k_hh, H, 3, param_dtype),
+            b=jnp.zeros((3 * H,), param_dtype),
+            b_hn=jnp.zeros((H,), param_dtype) if reset_after else None,
+        )
+
+    if reset_after:
+        def step(params: GRUParams, h: Array, zx: Array) -> tuple[Array, Array]:
+            zh = h @ params.w_hh.astype(zx.dtype)
+            xr, xz, xn = jnp.split(zx, 3, axis=-1)
+            hr, hz, hn = jnp.split(zh, 3, axis=-1)
+            r = jax.nn.sigmoid(xr + hr)
+            z = jax.nn.sigmoid(xz + hz)
+            n = jnp.tanh(xn + r * (hn + params.b_hn.astype(zx.dtype)))
+            h = (1.0 - z) * n + z * h
+            return h, h
+    else:
+        def step(params: GRUParams, h: Array, zx: Array) -> tuple[Array, Array]:
+            w_hh = params.w_hh.astype(zx.dtype)
+            zh = h @ w_hh[:, :2 * H]
+            xr, xz, xn = jnp.split(zx, 3, axis=-1)
+            hr, hz = jnp.split(zh, 2, axis=-1)
+            r = jax.nn.sigmoid(xr + hr)
+            z = jax.nn.sigmoid(xz + hz)
+            candidate = jnp.tanh(xn + (r * h) @ w_hh[:, 2 * H:])
+            h = (1.0 - z) * h + z * candidate
+            return h, h
+
+    def apply(params: GRUParams, h: Array, x: Array) -> tuple[Array, Array]:
+        return step(params, h, _project(params, x))
+
+    return Cell(init, apply, _zeros_carry(H), _project, step, H, "gru", 3)
+
+
+CELLS = {"rnn": rnn, "lstm": lstm, "gru": gru}
+
+
+def make_cell(name: str, hidden_size: int, **kwargs) -> Cell:
+    """``make_cell("gru", 256)``: a cell by name (``rnn``, ``lstm``, ``gru``)."""
+    if name not in CELLS:
+        raise ValueError(f"unknown cell {name!r}; choose from {', '.join(CELLS)}")
+    return CELLS[name](hidden_size, **kwargs)
