@@ -119,3 +119,50 @@ def read_text(path: str | os.PathLike) -> str:
 def load_corpus(path: str | os.PathLike | None = None) -> str:
     """``read_text(resolve_corpus(path))``: the default corpus, or any UTF-8 file."""
     return read_text(resolve_corpus(path))
+
+
+# --------------------------------------------------------------------------- characters
+
+class CharVocab:
+    """A character vocabulary: one entry per distinct Unicode code point of the corpus.
+
+    Multi-byte UTF-8 characters (Korean, Chinese, emoji, ...) are single entries.
+    """
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        if len(set(self.chars)) != len(self.chars):
+            raise ValueError("vocabulary characters must be distinct")
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharVocab":
+        return cls(sorted(set(text)))
+
+    @property
+    def size(self) -> int:
+        return len(self.chars)
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str):
+        """``str -> (len,) int32``; a UsageError names characters outside the vocabulary."""
+        import numpy as np
+        missing = sorted({c for c in text if c not in self.index})
+        if missing:
+            shown = ", ".join(repr(c) for c in missing[:10])
+            raise UsageError(f"characters not in the model's vocabulary: {shown}")
+        return np.fromiter((self.index[c] for c in text), dtype=np.int32, count=len(text))
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CharVocab) and self.chars == other.chars
+
+
+def train_val_split(ids, train_fraction: float = 0.9):
+    """First ``train_fraction`` for training, the rest for validation (nanoGPT's split)."""
+    n = int(len(ids) * train_fraction)
+    return ids[:n], ids[n:]
