@@ -25,6 +25,12 @@ from jaxseq._cells import (
     make_cell,
     rnn,
 )
+from jaxseq._interop import (
+    FlaxCell,
+    TorchRNNInfo,
+    from_flax_linen_params,
+    from_torch_state_dict,
+)
 from jaxseq._unroll import Stack, reference_unroll, stack, unroll
 from jaxseq.errors import UsageError
 
@@ -34,3 +40,4 @@ __all__ = [
     "CELLS", "Cell", "GRUParams", "LSTMParams", "LSTMState", "RNNParams", "Stack",
     "UsageError", "gru", "lstm", "make_cell", "reference_unroll", "rnn", "stack", "unroll",
 ]
+__all__ += ["FlaxCell", "TorchRNNInfo", "from_flax_linen_params", "from_torch_state_dict"]

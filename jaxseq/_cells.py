@@ -91,7 +91,11 @@ def _orthogonal_blocks(key: PRNGKey, hidden: int, blocks: int, dtype) -> Array:
     """``(H, blocks*H)``: an independent orthogonal ``(H, H)`` matrix per gate."""
     init = jax.nn.initializers.orthogonal()
     keys = jax.random.split(key, blocks)
-    return jnp.concatenate([init(k, (hidden, hidden), dtype) for k in keys], axis=1)
+    # The QR behind orthogonal() has no bfloat16/float16 kernel (LAPACK on CPU), so draw in
+    # at least float32 and cast.
+    draw_dtype = jnp.promote_types(dtype, jnp.float32)
+    return jnp.concatenate(
+        [init(k, (hidden, hidden), draw_dtype).astype(dtype) for k in keys], axis=1)
 
 
 def _zeros_carry(hidden: int) -> Callable[..., Array]:
