@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq._cells import Array, Carry, Cell, Params, PRNGKey
+from jaxseq._fused import fused_unroll
 
 
 def _masked_step(step: Callable, params: Params) -> Callable:
@@ -58,6 +59,11 @@ def unroll(
     """
     zs = cell.project(params, xs)
     if seq_lengths is None:
+        # The built-in cells run as fused kernels whose backward pass takes the recurrent
+        # weight gradient out of the time loop (jaxseq/_fused.py); others use plain scan.
+        fused = fused_unroll(cell, params, carry, zs, reverse)
+        if fused is not None:
+            return fused
         return jax.lax.scan(lambda c, z: cell.step(params, c, z), carry, zs, reverse=reverse)
     steps = jnp.arange(xs.shape[0]).reshape((-1,) + (1,) * (xs.ndim - 2))
     valid = steps < jnp.asarray(seq_lengths)[None]
