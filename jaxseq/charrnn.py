@@ -212,7 +212,7 @@ def make_train_step(model: CharLM, optimizer, config: CharRNNConfig) -> Callable
                        if config.dropout > 0 else None)
         (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, carry, inputs, targets, dropout_key)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -354,7 +354,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-    sample_printer: Callable[[str], None] = print,
+    sample_printer: Optional[Callable[[str], None]] = None,
     step_callback: Optional[Callable[[int, dict], None]] = None,
 ) -> RunResult:
     """Trains (or resumes) a char-RNN run in ``out_dir``.
@@ -434,6 +434,7 @@ def train(
 
     from tqdm.auto import tqdm
 
+    sample_printer = sample_printer or tqdm.write
     history, best_val = [], math.inf
     chars_per_step = config.batch * config.seq
     step = int(state.step)
@@ -447,6 +448,7 @@ def train(
                 new_state, m = train_step(state, inputs, targets, reset)
                 if not bool(m["finite"]):
                     if config.nan_policy == "stop":
+                        state = new_state._replace(step=new_state.step - 1)  # unchanged
                         log(f"error: non-finite loss or gradient at step {step + 1} (loss "
                             f"{float(m['loss'])}); stopped, last good checkpoint kept in {out}; "
                             f"try a lower --lr or --nan-policy skip")

@@ -42,6 +42,15 @@ def _digest(leaves) -> str:
     return h.hexdigest()
 
 
+def _portable(a: np.ndarray) -> np.ndarray:
+    """bfloat16 and other ml_dtypes are stored as unsigned ints of the same width, since
+    ``np.load(allow_pickle=False)`` cannot read them back; ``dtypes`` in the metadata
+    restores them."""
+    if a.dtype.isbuiltin:
+        return a
+    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
 def _fsync_dir(directory: pathlib.Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -70,8 +79,8 @@ def save(directory: str | os.PathLike, tree: Any, meta: dict) -> pathlib.Path:
     directory.mkdir(parents=True, exist_ok=True)
     leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
     record = dict(meta, format_version=FORMAT_VERSION, num_leaves=len(leaves),
-                  checksum=_digest(leaves))
-    arrays = {f"leaf_{i:05d}": leaf for i, leaf in enumerate(leaves)}
+                  checksum=_digest(leaves), dtypes=[str(leaf.dtype) for leaf in leaves])
+    arrays = {f"leaf_{i:05d}": _portable(leaf) for i, leaf in enumerate(leaves)}
     arrays["meta"] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
     try:
@@ -96,8 +105,11 @@ def _read(path: pathlib.Path) -> tuple[dict, list[np.ndarray]]:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             leaves = [z[f"leaf_{i:05d}"] for i in range(meta["num_leaves"])]
-    except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, json.JSONDecodeError,
-            UnicodeDecodeError, zipfile.LargeZipFile) as e:
+            dtypes = meta.get("dtypes") or [str(a.dtype) for a in leaves]
+            leaves = [a if str(a.dtype) == d else a.view(jax.numpy.dtype(d))
+                      for a, d in zip(leaves, dtypes)]
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, EOFError, OSError,
+            json.JSONDecodeError, UnicodeDecodeError, zipfile.LargeZipFile) as e:
         raise UsageError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise UsageError(f"checkpoint {path} has format version {meta.get('format_version')}, "
