@@ -407,8 +407,9 @@ def train(
         state, meta = ckpt.load(start_state, state)
         _trim_metrics(metrics_path, int(state.step))
         log(f"resumed from {start_state} at step {int(state.step)}")
-    elif overwrite and metrics_path.exists():
-        metrics_path.unlink()
+    elif overwrite:
+        for name in ("metrics.jsonl", ckpt.CHECKPOINT_NAME, ckpt.PREVIOUS_NAME):
+            (out / name).unlink(missing_ok=True)
 
     train_step = make_train_step(model, optimizer, config)
     evaluate = make_evaluator(model, corpus.val, seq=config.seq)
@@ -449,9 +450,12 @@ def train(
                 if not bool(m["finite"]):
                     if config.nan_policy == "stop":
                         state = new_state._replace(step=new_state.step - 1)  # unchanged
+                        found = ckpt.find(out)
+                        kept = (f"last good checkpoint (step {ckpt.read_meta(found)['step']}) "
+                                f"kept in {out}" if found else "no checkpoint was saved yet")
                         log(f"error: non-finite loss or gradient at step {step + 1} (loss "
-                            f"{float(m['loss'])}); stopped, last good checkpoint kept in {out}; "
-                            f"try a lower --lr or --nan-policy skip")
+                            f"{float(m['loss'])}); stopped, {kept}; try a lower --lr or "
+                            f"--nan-policy skip")
                         exit_code = 3
                         break
                     log(f"warning: skipped step {step + 1}: non-finite loss or gradient")
