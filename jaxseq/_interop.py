@@ -122,6 +122,9 @@ class FlaxCell(nn.RNNCellBase):
           usable with ``jaxseq.unroll(cell, ...)``.
         """
         params = dict(params)
+        if self.cell.name not in _PARAM_TYPES:
+            raise ValueError(f"to_jaxseq_params knows the rnn, lstm and gru cells, not "
+                             f"{self.cell.name!r}")
         param_type = _PARAM_TYPES[self.cell.name]
         return param_type(**{name: params.get(name) for name in param_type._fields})
 
