@@ -1,0 +1,127 @@
+"""Train Word2Vec (skip-gram or CBOW) and write word2vec text and binary vectors.
+
+    python -m experiments.word2vec --mode skipgram                 # Tiny Shakespeare words
+    python -m experiments.word2vec --mode cbow --corpus text.txt --out runs/w2v --eval
+    python -m experiments.word2vec --query king --analogy man king woman
+
+Writes ``OUT/vectors.txt`` and ``OUT/vectors.bin`` (header ``vocab_size dim``; both load
+with gensim's ``KeyedVectors.load_word2vec_format``) and ``OUT/run.json``. SIGINT/SIGTERM
+stop training between device calls; the vectors trained so far are still written and the
+exit code is 130/143.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import sys
+from typing import Sequence
+
+from experiments import _cli
+from jaxseq import word2vec
+from jaxseq.data import load_corpus
+from jaxseq.errors import UsageError
+
+DEFAULT_OUT = "runs/word2vec"
+
+
+def _parser():
+    p = _cli.parser("python -m experiments.word2vec",
+                    "Train skip-gram or CBOW word vectors with JAX (word2vec.c's recipe, "
+                    "batched as matrix products; see jaxseq/word2vec.py).")
+    p.add_argument("--corpus", default=None, metavar="PATH",
+                   help="UTF-8 text file, one sentence per line (default: Tiny Shakespeare "
+                        "via $JAXSEQ_DATA, the data/ cache, or a download)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"output directory (default: {DEFAULT_OUT}-<mode>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it already holds files")
+    p.add_argument("--query", action="append", default=[], metavar="WORD",
+                   help="print the nearest neighbours of WORD after training (repeatable)")
+    p.add_argument("--topn", type=int, default=10, help="neighbours printed per --query")
+    p.add_argument("--analogy", nargs=3, action="append", default=[], metavar=("A", "B", "C"),
+                   help="print the best D for A:B::C:D (repeatable)")
+    p.add_argument("--eval", action="store_true",
+                   help="print WordSim-353 and SimLex-999 Spearman and Google analogy "
+                        "accuracy (data files from gensim's package)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    _cli.add_dataclass_flags(p, word2vec.TrainConfig)
+    return p
+
+
+def _check_out(out: pathlib.Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"output directory {out} is not empty; pass --overwrite or "
+                         f"choose another --out")
+
+
+def _write_json(path: pathlib.Path, record: dict) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = _cli.config_from_args(word2vec.TrainConfig, args)
+    config.validate()
+    if args.topn <= 0:
+        raise UsageError(f"--topn must be positive, got {args.topn}")
+    out = pathlib.Path(args.out or f"{DEFAULT_OUT}-{config.mode}")
+    _check_out(out, args.overwrite)
+
+    sentences = word2vec.tokenize(load_corpus(args.corpus))
+    prepared = word2vec.prepare(sentences, config)
+    words = prepared.vocab.words
+    known = set(words)
+    for w in [*args.query, *(x for triple in args.analogy for x in triple)]:
+        if w.lower() not in known:
+            raise UsageError(f"word {w!r} is not in the vocabulary ({len(words)} words "
+                             f"with --min-count {config.min_count}; words are lower-cased)")
+    print(f"corpus: {prepared.corpus.raw_words:,} words, vocabulary {len(words):,} "
+          f"(min count {config.min_count})", file=sys.stderr)
+
+    result = word2vec.train(prepared, config, progress=args.progress, handle_signals=True)
+    out.mkdir(parents=True, exist_ok=True)
+    word2vec.save_text(out / "vectors.txt", words, result.vectors)
+    word2vec.save_binary(out / "vectors.bin", words, result.vectors)
+    record = {"config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+              "corpus": str(args.corpus) if args.corpus else "tinyshakespeare",
+              "corpus_words": result.raw_words, "vocab_size": len(words),
+              "seconds": result.seconds, "words_per_s": result.words_per_s,
+              "epochs_done": result.epochs_done * config.epochs,
+              "interrupted": signal.Signals(result.interrupted).name
+              if result.interrupted else None}
+    _write_json(out / "run.json", record)
+
+    if result.interrupted:
+        name = signal.Signals(result.interrupted).name
+        print(f"interrupted by {name} after {result.epochs_done * config.epochs:.2f} of "
+              f"{config.epochs} epochs; vectors trained so far saved in {out}/vectors.txt "
+              f"and vectors.bin", file=sys.stderr)
+        return 128 + result.interrupted
+    print(f"trained {config.mode} in {result.seconds:.1f}s ({result.words_per_s:,.0f} "
+          f"words/s); vectors in {out}/vectors.txt and {out}/vectors.bin", file=sys.stderr)
+
+    for q in args.query:
+        neighbours = word2vec.most_similar(words, result.vectors, q.lower(), topn=args.topn)
+        print(f"{q}: " + ", ".join(f"{w} {s:.3f}" for w, s in neighbours))
+    for a, b, c in args.analogy:
+        (d, score), = word2vec.analogy(words, result.vectors, a.lower(), b.lower(), c.lower())
+        print(f"{a} : {b} :: {c} : {d} ({score:.3f})")
+    if args.eval:
+        scores = word2vec.evaluate(words, result.vectors)
+        print(word2vec.NO_GENSIM if scores is None else word2vec.format_scores(scores))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli.run_main(main))

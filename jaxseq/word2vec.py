@@ -1,0 +1,300 @@
+"""Word2Vec (skip-gram and CBOW) in JAX, trained with word2vec.c's recipe.
+
+What is word2vec.c's, unchanged: a vocabulary cut at ``min_count``; subsampling that keeps
+a word of frequency f with probability (sqrt(f/(s*T)) + 1) * s*T/f; a window shrunk per
+centre uniformly to 1..W; negatives drawn from unigram^0.75; input vectors initialised
+uniform in [-0.5/D, 0.5/D) and output vectors at zero; plain SGD whose rate decays linearly
+from 0.025 (skip-gram) or 0.05 (CBOW) to 1e-4 of that; for CBOW the mean of the context,
+whose gradient every context word receives in full. A full-softmax objective
+(``objective="softmax"``) is there for small vocabularies: the one-hot picture in which
+p(c | x) is a softmax over the whole output table.
+
+What is different, and why (the design). word2vec.c and gensim update one pair at a time
+with BLAS level-1 loops; in JAX on a CPU per-row work is expensive (every gathered or
+scattered row costs tens of nanoseconds) and matrix products are cheap. So the step is
+built around products:
+
+* **Segments instead of pairs.** A batch is B segments of L consecutive kept centre words
+  plus W words either side. The device gathers each segment's L + 2W input rows and L
+  output rows once, scores every (centre, input) cell of the segment with one batched
+  product, and keeps the cells that are real pairs with a mask (offset 0 < |o| <= the
+  centre's shrunk window, same sentence). Each pair of word2vec.c appears exactly once per
+  epoch, but a row is gathered and scattered about 2.3 times per centre instead of twice
+  per pair (~11 per centre).
+* **Shared negatives** (BlazingText, Gupta & Khare 2017; also Intel's HogBatch). The M
+  negatives of a step are shared by all of its pairs, and weighted K/M so that each pair's
+  negative term has word2vec's expectation; their scores and gradients become products
+  with an (M, D) matrix. Segment order is shuffled every epoch, so a step mixes B places
+  of the corpus (corpus order costs analogy accuracy).
+* **Sparse updates with optax.** The loss is a pure function of the gathered rows; its
+  gradient w.r.t. those rows goes through ``optax.sgd(optax.linear_schedule(...))`` and
+  the result is scatter-added into the tables. A dense optimizer over the full (V, D)
+  tables would cost more per step than all the rest.
+* **Duplicates.** Rows that occur several times in a step receive the sum of their pairs'
+  updates, computed from the same (stale) values. Ordinary steps are kept moderate (256
+  centres, about 1,400 pairs) so this is close to sequential SGD; to keep very large
+  batches from diverging, a row whose summed contributions exceed ``dup_cap`` pairs in
+  one step is scaled down to ``dup_cap`` times their mean.
+* **Overlap.** Batches are built with NumPy on a background thread while the device runs
+  ``steps_per_call`` steps in one jitted ``lax.scan``.
+
+    >>> from jaxseq import word2vec
+    >>> sentences = word2vec.tokenize(open("corpus.txt").read())      # doctest: +SKIP
+    >>> result = word2vec.train(sentences, word2vec.TrainConfig(mode="skipgram"))  # doctest: +SKIP
+    >>> word2vec.most_similar(result.vocab.words, result.vectors, "king")           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxseq._w2v_data import (
+    PAD_SENTENCE,
+    BatchProducer,
+    Chunk,
+    EncodedCorpus,
+    SegmentBatch,
+    Vocab,
+    build_vocab,
+    encode,
+    epoch_chunks,
+    keep_probabilities,
+    negative_cdf,
+    pair_mask,
+    pairs_from_batch,
+    sample_negatives,
+    sample_windows,
+    subsample,
+    tokenize,
+)
+from jaxseq._w2v_eval import (
+    NO_GENSIM,
+    AnalogyScore,
+    PairScore,
+    Scores,
+    evaluate,
+    evaluate_analogies,
+    evaluate_pairs,
+    format_scores,
+    gensim_test_data,
+    spearman,
+)
+from jaxseq._w2v_io import load as load_vectors
+from jaxseq._w2v_io import save_binary, save_text
+from jaxseq._w2v_model import (
+    MODES,
+    OBJECTIVES,
+    TrainConfig,
+    TrainState,
+    Word2VecParams,
+    cbow_hidden,
+    cbow_negative_loss,
+    cbow_softmax_loss,
+    init_params,
+    make_chunk_fn,
+    make_optimizer,
+    skipgram_negative_loss,
+    skipgram_softmax_loss,
+    train_step,
+)
+from jaxseq.errors import UsageError
+
+__all__ = [
+    "MODES", "OBJECTIVES", "NO_GENSIM", "PAD_SENTENCE", "AnalogyScore", "EncodedCorpus",
+    "PairScore", "Scores", "SegmentBatch", "TrainConfig", "TrainResult", "TrainState",
+    "Vocab", "Word2VecParams", "analogy", "build_vocab", "cbow_hidden", "cbow_negative_loss",
+    "cbow_softmax_loss", "encode", "evaluate", "evaluate_analogies", "evaluate_pairs",
+    "format_scores", "gensim_test_data", "init_params", "keep_probabilities", "load_vectors",
+    "make_chunk_fn", "make_optimizer", "most_similar", "negative_cdf", "pair_mask",
+    "pairs_from_batch", "prepare", "sample_negatives", "sample_windows", "save_binary",
+    "save_text", "skipgram_negative_loss", "skipgram_softmax_loss", "spearman", "subsample",
+    "tokenize", "train", "train_step",
+]
+
+
+class Prepared(NamedTuple):
+    """What training needs from the corpus: vocabulary, ids, and the sampling tables."""
+
+    vocab: Vocab
+    corpus: EncodedCorpus
+    keep: np.ndarray          # (V,) subsampling keep probabilities
+    cdf: np.ndarray           # (V,) cumulative unigram^0.75
+
+
+def prepare(sentences: Sequence[Sequence[str]], config: TrainConfig) -> Prepared:
+    """Builds the vocabulary and encodes the corpus (raises UsageError on bad input)."""
+    config.validate()
+    vocab = build_vocab(sentences, config.min_count)
+    corpus = encode(sentences, vocab)
+    return Prepared(vocab, corpus, keep_probabilities(vocab.counts, config.sample),
+                    negative_cdf(vocab.counts))
+
+
+class TrainResult(NamedTuple):
+    vocab: Vocab
+    params: Word2VecParams
+    vectors: np.ndarray           # (V, D) the input vectors, as exported
+    raw_words: int                # corpus words per epoch (before subsampling)
+    seconds: float                # training wall time, compilation included
+    words_per_s: float            # raw_words * epochs trained / seconds
+    epochs_done: float            # fraction of the requested epochs completed
+    interrupted: Optional[int]    # the signal that stopped training early, or None
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag that the training loop checks between device calls."""
+
+    def __init__(self, enabled: bool):
+        self.received: Optional[int] = None
+        self._enabled = enabled
+        self._old = {}
+
+    def __enter__(self):
+        if self._enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread: leave signals alone
+                    pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _plan(prepared: Prepared, config: TrainConfig) -> tuple[int, int, int]:
+    """(segments_per_step, steps_per_call, total_steps) for this corpus."""
+    expected_kept = float(np.sum(prepared.vocab.counts * prepared.keep))
+    n_seg = max(1, math.ceil(expected_kept / config.segment))
+    per_step = min(config.segments_per_step, n_seg)
+    steps = min(config.steps_per_call, math.ceil(n_seg / per_step))
+    calls = math.ceil(n_seg / (per_step * steps))
+    return per_step, steps, calls * steps * config.epochs
+
+
+def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
+          progress: bool = True, handle_signals: bool = False,
+          should_stop: Callable[[], bool] | None = None,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """Trains word vectors.
+
+    Args:
+      sentences: tokenized sentences (``tokenize``), or the output of ``prepare``.
+      config: hyperparameters.
+      progress: show a tqdm bar with words/s on stderr.
+      handle_signals: stop cleanly on SIGINT/SIGTERM (between device calls) and report
+        the signal in ``TrainResult.interrupted``, keeping the vectors trained so far.
+      should_stop: polled between device calls; True stops training early.
+      log: where to write one-line messages (default: stderr).
+
+    Returns:
+      A ``TrainResult``; a seed gives the same vectors every run.
+    """
+    prepared = sentences if isinstance(sentences, Prepared) else prepare(sentences, config)
+    config.validate()
+    vocab, corpus = prepared.vocab, prepared.corpus
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    per_step, steps, total_steps = _plan(prepared, config)
+    rng = np.random.default_rng(config.seed)
+    key = jax.random.key(config.seed)
+    params = init_params(key, len(vocab), config.dim)
+    optimizer = make_optimizer(config, total_steps)
+    state = TrainState(params, optimizer.init(params))
+
+    def make_epoch(epoch: int):
+        return epoch_chunks(corpus, prepared.keep, prepared.cdf, window=config.window,
+                            segment=config.segment, segments_per_step=per_step,
+                            steps_per_call=steps, shared_negatives=config.shared_negatives,
+                            rng=rng, epoch=epoch)
+
+    start = time.perf_counter()
+    producer = BatchProducer(make_epoch, config.epochs)
+    # Compile while the producer builds the first batches.
+    width = config.segment + 2 * config.window
+    shapes = SegmentBatch(
+        *(jax.ShapeDtypeStruct((steps, per_step, n), jnp.int32)
+          for n in (width, width, config.segment, config.segment, config.segment)),
+        jax.ShapeDtypeStruct((steps, config.shared_negatives), jnp.int32))
+    run_chunk = make_chunk_fn(config, optimizer).lower(state, shapes).compile()
+
+    total_words = corpus.raw_words * config.epochs
+    bar = tqdm(total=total_words, disable=not progress, unit="word", unit_scale=True,
+               dynamic_ncols=True, file=sys.stderr, desc=f"word2vec {config.mode}")
+    done_words, pending, interrupted = 0.0, None, None
+    try:
+        with _StopSignals(handle_signals) as signals:
+            for chunk in producer:
+                state, losses = run_chunk(state, chunk.batch)
+                if pending is not None:  # the previous call has finished by now
+                    bar.set_postfix(epoch=pending[1] + 1, loss=f"{float(pending[0]):.3f}")
+                pending = (losses, chunk.epoch)
+                done_words += chunk.raw_words
+                bar.update(min(round(done_words), total_words) - bar.n)
+                if signals.received is not None or (should_stop is not None and should_stop()):
+                    interrupted = signals.received if signals.received is not None else 0
+                    break
+            jax.block_until_ready(state)
+    finally:
+        producer.close()
+        bar.close()
+    seconds = time.perf_counter() - start
+    if not bool(jnp.all(jnp.isfinite(state.params.w_in))):
+        log("warning: training produced non-finite vectors; try a lower --lr or --batch")
+    vectors = np.asarray(state.params.w_in)
+    return TrainResult(vocab, state.params, vectors, corpus.raw_words, seconds,
+                       done_words / max(seconds, 1e-9), done_words / max(total_words, 1),
+                       interrupted)
+
+
+def most_similar(words: Sequence[str], vectors: np.ndarray, query: str | Sequence[str], *,
+                 negative: Sequence[str] = (), topn: int = 10) -> list[tuple[str, float]]:
+    """Nearest neighbours by cosine similarity of ``sum(positive) - sum(negative)``.
+
+    Args:
+      words: the V words.
+      vectors: (V, D).
+      query: a word or a list of positive words.
+      negative: words to subtract.
+      topn: how many neighbours.
+
+    Raises:
+      UsageError: a query word is not in the vocabulary.
+    """
+    positive = [query] if isinstance(query, str) else list(query)
+    index = {w: i for i, w in enumerate(words)}
+    for w in (*positive, *negative):
+        if w not in index:
+            raise UsageError(f"word {w!r} is not in the vocabulary ({len(words)} words; "
+                             f"words are lower-cased and need --min-count occurrences)")
+    unit = np.asarray(vectors, np.float32)
+    unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+    target = unit[[index[w] for w in positive]].sum(0)
+    if negative:
+        target = target - unit[[index[w] for w in negative]].sum(0)
+    sims = unit @ (target / max(float(np.linalg.norm(target)), 1e-12))
+    for w in (*positive, *negative):
+        sims[index[w]] = -np.inf
+    top = np.argsort(-sims)[:topn]
+    return [(words[i], float(sims[i])) for i in top if np.isfinite(sims[i])]
+
+
+def analogy(words: Sequence[str], vectors: np.ndarray, a: str, b: str, c: str, *,
+            topn: int = 1) -> list[tuple[str, float]]:
+    """The best d for a : b :: c : d (3CosAdd: closest to b - a + c, not a, b or c)."""
+    return most_similar(words, vectors, [b, c], negative=[a], topn=topn)
