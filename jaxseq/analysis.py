@@ -438,9 +438,9 @@ def race(
 
     from tqdm.auto import tqdm
 
-    scale = 1000
-    bar = tqdm(total=scale * len(runners), disable=not progress, unit="‰", file=sys.stderr,
-               dynamic_ncols=True, desc="budget")
+    scale = 100  # the bar counts percent of each run's budget, summed over the runs
+    bar = tqdm(total=scale * len(runners), disable=not progress, unit="%", file=sys.stderr,
+               dynamic_ncols=True, desc=f"budget of {len(runners)} runs")
     shown = [0] * len(runners)
     while not all(r.done for r in runners):
         for i, r in enumerate(runners):
