@@ -89,3 +89,24 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
+
+
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """``--devices`` and the multi-host flags shared by the training commands."""
+    g = p.add_argument_group("data parallelism")
+    g.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="shard each batch over N devices (default: all; with several "
+                        "processes, all devices of all processes)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-host: address of process 0, for jax.distributed.initialize")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="multi-host: total number of processes")
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="multi-host: this process's index (0 writes checkpoints and logs)")
+
+
+def start_parallel(args: argparse.Namespace) -> None:
+    from jaxseq import parallel
+    if args.devices is not None and args.devices < 1:
+        raise UsageError(f"--devices must be positive, got {args.devices}")
+    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)

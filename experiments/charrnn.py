@@ -44,6 +44,7 @@ def _train_parser():
                                     for k, v in charrnn.PRESETS.items()))
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
+    _cli.add_parallel_flags(p)
     _cli.add_dataclass_flags(p, charrnn.CharRNNConfig)
     return p
 
@@ -76,11 +77,13 @@ def train_main(argv: Sequence[str]) -> int:
     overrides = {k: v for k, v in preset.items() if k not in given}
     config = _cli.config_from_args(charrnn.CharRNNConfig, args, **overrides)
     config.validate()
+    _cli.start_parallel(args)
     out = pathlib.Path(args.out or f"{DEFAULT_OUT}-{config.cell}")
     text = load_corpus(args.data)
     result = charrnn.train(config, text, out, resume=args.resume, overwrite=args.overwrite,
-                           progress=args.progress)
-    if result.exit_code == 0 and result.history:
+                           progress=args.progress, devices=args.devices)
+    from jaxseq import parallel
+    if result.exit_code == 0 and result.history and parallel.is_main_process():
         last = result.history[-1]
         print(f"done: step {last['step']}, validation {last['val_loss']:.4f} nats "
               f"({last['val_bpc']:.4f} bits/char), best {result.best_val:.4f}; run in {out}",

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from jaxseq import checkpoint as ckpt
+from jaxseq import parallel
 from jaxseq.data import CharVocab, train_val_split
 from jaxseq.errors import UsageError
 from jaxseq.models import CharLM, char_lm, count_params, cross_entropy
@@ -195,8 +196,12 @@ def batch_at(config: CharRNNConfig, train: np.ndarray, step: int) -> tuple[np.nd
 
 # --------------------------------------------------------------------------- steps
 
-def make_train_step(model: CharLM, optimizer, config: CharRNNConfig) -> Callable:
+def make_train_step(model: CharLM, optimizer, config: CharRNNConfig,
+                    state_sharding: Any = None) -> Callable:
     """The jitted ``(state, inputs, targets, reset) -> (state, metrics)``.
+
+    With ``state_sharding`` (a pytree of shardings like the state, from a data-parallel
+    mesh) the new state keeps the layout of the old one; XLA inserts the gradient all-reduce.
 
     A step whose loss or gradient is not finite changes nothing (``metrics['finite']`` is
     false); the loop then stops or skips by ``nan_policy``.
@@ -226,7 +231,10 @@ def make_train_step(model: CharLM, optimizer, config: CharRNNConfig) -> Callable
         )
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
-    return jax.jit(train_step)
+    if state_sharding is None:
+        return jax.jit(train_step)
+    mesh = jax.tree.leaves(state_sharding)[0].mesh
+    return jax.jit(train_step, out_shardings=(state_sharding, parallel.replicated(mesh)))
 
 
 def make_evaluator(model: CharLM, val: np.ndarray, *, seq: int, streams: int = 32) -> Callable:
@@ -356,14 +364,22 @@ def train(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
     sample_printer: Optional[Callable[[str], None]] = None,
     step_callback: Optional[Callable[[int, dict], None]] = None,
+    devices: Optional[int] = None,
 ) -> RunResult:
     """Trains (or resumes) a char-RNN run in ``out_dir``.
 
     Writes ``checkpoint.npz`` every ``save_every`` steps, at the end and on SIGINT/SIGTERM,
     and ``metrics.jsonl`` (one JSON record per log or evaluation). Returns the final state;
     ``exit_code`` is 0 when done, 130/143 after an interrupt, 3 after a non-finite step.
+
+    ``devices`` (default: every device, across processes after
+    ``parallel.initialize_distributed``) shards each batch over a data-parallel mesh; the
+    global batch, and so the result, does not depend on it. Only process 0 writes files.
     """
     config.validate()
+    main_process = parallel.is_main_process()
+    if not main_process:
+        progress, log = False, (lambda s: None)
     out = pathlib.Path(out_dir)
     metrics_path = out / "metrics.jsonl"
     start_state = None
@@ -382,7 +398,7 @@ def train(
                                  + ", ".join(f"--{k} {a} (now {b})" for k, (a, b) in diff.items()))
             vocab = CharVocab(meta["vocab"])
             start_state = found
-    elif out.exists() and any(out.iterdir()) and not overwrite:
+    elif main_process and out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"run directory {out} already exists; pass --resume to continue it "
                          f"or --overwrite to start again")
     try:
@@ -407,25 +423,45 @@ def train(
         state, meta = ckpt.load(start_state, state)
         _trim_metrics(metrics_path, int(state.step))
         log(f"resumed from {start_state} at step {int(state.step)}")
-    elif overwrite:
+    elif overwrite and main_process:
         for name in ("metrics.jsonl", ckpt.CHECKPOINT_NAME, ckpt.PREVIOUS_NAME):
             (out / name).unlink(missing_ok=True)
 
-    train_step = make_train_step(model, optimizer, config)
+    multi = len(jax.devices()) > 1 or jax.process_count() > 1
+    mesh = parallel.data_mesh(devices) if (multi or (devices or 1) > 1) else None
+    if mesh is not None and mesh.size > 1:
+        if config.batch % mesh.size:
+            raise UsageError(f"--batch {config.batch} must divide evenly over {mesh.size} devices")
+        state = TrainState(params=parallel.replicate(mesh, state.params),
+                           opt_state=parallel.replicate(mesh, state.opt_state),
+                           carry=parallel.shard_tree(mesh, state.carry, axis=0),
+                           step=parallel.replicate(mesh, state.step),
+                           key=parallel.replicate(mesh, state.key))
+        put_batch = lambda a: parallel.shard_batch(mesh, a, axis=1)
+        train_step = make_train_step(model, optimizer, config,
+                                     jax.tree.map(lambda x: x.sharding, state))
+    else:
+        mesh, put_batch = None, jnp.asarray
+        train_step = make_train_step(model, optimizer, config)
     evaluate = make_evaluator(model, corpus.val, seq=config.seq)
     n_params = count_params(state.params)
     log(f"{config.cell} {config.layers}x{config.hidden}, {n_params:,} parameters, vocabulary "
-        f"{vocab.size}, {len(corpus.train):,} train / {len(corpus.val):,} validation characters")
+        f"{vocab.size}, {len(corpus.train):,} train / {len(corpus.val):,} validation characters"
+        + (f"; {parallel.describe(mesh)}" if mesh is not None else ""))
 
     def save(st: TrainState, extra=None):
-        ckpt.save(out, st, _meta(config, vocab, int(st.step), extra))
+        host = parallel.to_host(st)  # every process takes part in gathering shards
+        if main_process:
+            ckpt.save(out, host, _meta(config, vocab, int(host.step), extra))
+        parallel.sync("checkpoint saved")
 
     def write_metrics(record: dict):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def print_sample(params, step):
-        if config.sample_length == 0:
+        if config.sample_length == 0 or not main_process:
             return
         prime_char = "\n" if "\n" in vocab.index else vocab.chars[0]
         key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
@@ -446,7 +482,8 @@ def train(
         try:
             while step < config.steps:
                 inputs, targets, reset = batch_at(config, corpus.train, step)
-                new_state, m = train_step(state, inputs, targets, reset)
+                new_state, m = train_step(state, put_batch(inputs), put_batch(targets), reset)
+                m = parallel.to_local(m)
                 if not bool(m["finite"]):
                     if config.nan_policy == "stop":
                         state = new_state._replace(step=new_state.step - 1)  # unchanged
@@ -473,15 +510,16 @@ def train(
                     write_metrics(record)
                     loss_sum, loss_n, t_last, step_last = 0.0, 0, now, step
                 if step % config.eval_every == 0 or step == config.steps:
-                    val = float(evaluate(state.params))
+                    val = float(evaluate(parallel.to_local(state.params)))
                     best_val = min(best_val, val)
                     rec = {"step": step, "val_loss": val, "val_bpc": val / math.log(2),
                            "chars_seen": step * chars_per_step}
                     history.append(rec)
                     write_metrics(rec)
-                    bar.write(f"step {step}: validation {val:.4f} nats, "
-                              f"{val / math.log(2):.4f} bits/char", file=sys.stderr)
-                    print_sample(state.params, step)
+                    if main_process:
+                        bar.write(f"step {step}: validation {val:.4f} nats, "
+                                  f"{val / math.log(2):.4f} bits/char", file=sys.stderr)
+                    print_sample(parallel.to_local(state.params), step)
                     t_last = time.perf_counter()  # keep eval time out of chars/s
                 if step % config.save_every == 0 or step == config.steps:
                     save(state)

@@ -1,0 +1,142 @@
+"""Data parallelism with JAX's own sharding: one mesh axis ``"data"`` over devices and hosts.
+
+The batch is sharded along the mesh's data axis, parameters and optimizer state are
+replicated, and the gradient reduction is left to XLA (the jitted step sees global arrays;
+the mean over the batch becomes an all-reduce). The global batch is the same whatever the
+device count, so results agree up to floating-point reduction order.
+
+Several hosts: ``initialize_distributed`` calls ``jax.distributed.initialize``; afterwards
+``jax.devices()`` lists every process's devices, ``data_mesh`` spans them all, and each
+process materialises only its own rows of every batch (``shard_batch`` builds the global
+array from per-device callbacks). Only process 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxseq.errors import UsageError
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(coordinator: Optional[str], num_processes: Optional[int],
+                           process_id: Optional[int]) -> None:
+    """Joins a multi-process run (no-op when ``coordinator`` is None).
+
+    On CPU the collectives go through gloo, which works over TCP on any machine.
+    """
+    if coordinator is None:
+        if num_processes not in (None, 1) or process_id not in (None, 0):
+            raise UsageError("--num-processes/--process-id need --coordinator HOST:PORT")
+        return
+    if num_processes is None or process_id is None:
+        raise UsageError("--coordinator needs --num-processes and --process-id")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise UsageError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+    if ":" not in coordinator:
+        raise UsageError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def data_mesh(num_devices: Optional[int] = None) -> Mesh:
+    """A 1-D mesh over ``num_devices`` devices (all of them, every host's, by default).
+
+    With several processes the mesh must span all processes' devices, so ``num_devices``
+    then counts devices across hosts.
+    """
+    devices = jax.devices()
+    n = len(devices) if not num_devices else num_devices
+    if n < 1 or n > len(devices):
+        raise UsageError(f"--devices {n}: {len(devices)} device(s) available "
+                         f"({devices[0].platform})")
+    if jax.process_count() > 1 and n != len(devices):
+        raise UsageError("with several processes, --devices must cover every process's devices")
+    return Mesh(np.array(devices[:n]), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, axis: int) -> NamedSharding:
+    spec = [None] * ndim
+    spec[axis] = DATA_AXIS
+    return NamedSharding(mesh, P(*spec))
+
+
+def _global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def shard_batch(mesh: Mesh, value: np.ndarray, axis: int) -> jax.Array:
+    """A global array of ``value`` split along ``axis`` over the mesh; each process builds
+    only its own devices' rows."""
+    if value.shape[axis] % mesh.size:
+        raise UsageError(f"the batch ({value.shape[axis]}) must divide evenly over "
+                         f"{mesh.size} devices")
+    return _global_array(value, batch_sharding(mesh, value.ndim, axis))
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+    """Places every leaf of ``tree`` (same value on every process) on all mesh devices."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: _global_array(np.asarray(x), sharding), tree)
+
+
+def shard_tree(mesh: Mesh, tree: Any, axis: int) -> Any:
+    return jax.tree.map(lambda x: shard_batch(mesh, np.asarray(x), axis), tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Fully materialised NumPy copies of every leaf, gathering shards held by other
+    processes (every process must call this together)."""
+    def fetch(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(fetch, tree)
+
+
+def to_local(tree: Any) -> Any:
+    """Process-local copies of replicated arrays, for work each process does on its own
+    (evaluation, sampling)."""
+    def local(x):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+            if x.sharding.is_fully_replicated:
+                return x.addressable_data(0)  # one device's copy: no repeated work
+            return to_host(x)
+        return x
+    return jax.tree.map(local, tree)
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def describe(mesh: Optional[Mesh]) -> str:
+    if mesh is None:
+        return "1 device"
+    kinds = {d.platform for d in mesh.devices.flat}
+    return (f"{mesh.size} {'/'.join(sorted(kinds))} device(s) over {jax.process_count()} "
+            f"process(es), batch sharded on '{DATA_AXIS}'")
+
+
+def device_ids(mesh: Mesh) -> Sequence[int]:
+    return [d.id for d in mesh.devices.flat]
