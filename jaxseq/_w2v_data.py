@@ -162,7 +162,8 @@ class SegmentBatch(NamedTuple):
     out_ids: (B, L) int32 centre word ids (input positions W .. W+L-1).
     out_sentence: (B, L) int32 sentence of each centre, PAD_SENTENCE for padding.
     out_window: (B, L) int32 each centre's shrunk window in 1..W.
-    neg_ids: (M,) int32 negatives shared by every pair of the batch.
+    neg_ids: (G, M) int32 negatives of each group of B/G consecutive segments, shared by
+      every pair of the group.
     """
 
     in_ids: np.ndarray
@@ -217,7 +218,7 @@ class Chunk(NamedTuple):
 
 def epoch_chunks(corpus: EncodedCorpus, keep: np.ndarray, cdf: np.ndarray, *, window: int,
                  segment: int, segments_per_step: int, steps_per_call: int,
-                 shared_negatives: int, rng: np.random.Generator,
+                 shared_negatives: int, rng: np.random.Generator, negative_groups: int = 1,
                  epoch: int = 0) -> Iterator[Chunk]:
     """One epoch of shuffled segment batches, ``steps_per_call`` steps at a time.
 
@@ -248,7 +249,7 @@ def epoch_chunks(corpus: EncodedCorpus, keep: np.ndarray, cdf: np.ndarray, *, wi
     for call in range(n_calls):
         s = starts[call][..., None]
         ii, oo = s + in_pos, s + out_pos
-        negs = sample_negatives(cdf, (steps_per_call, shared_negatives), rng)
+        negs = sample_negatives(cdf, (steps_per_call, negative_groups, shared_negatives), rng)
         real = int(np.count_nonzero(starts[call] < length))
         yield Chunk(SegmentBatch(tok[ii], sen[ii], tok[oo], sen[oo], win[oo], negs),
                     real * words_per_segment, epoch)

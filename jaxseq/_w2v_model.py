@@ -59,10 +59,13 @@ class TrainConfig:
                                  "(default: 0.025 skip-gram, 0.05 cbow)")
     batch: int = _field(256, "centre words per step (rounded down to whole segments)")
     segment: int = _field(16, "consecutive centre words per segment of a batch")
-    shared_negatives: int = _field(32, "negatives drawn per step, shared by all its pairs "
-                                   "and weighted K/M")
-    dup_cap: float = _field(256.0, "a row's summed pair contributions in one step are "
-                            "scaled down past this many pairs (keeps huge batches stable)")
+    shared_negatives: int = _field(32, "negatives M drawn per group of segments, shared by "
+                                   "all the group's pairs and weighted K/M")
+    negative_groups: int = _field(4, "groups of segments per step, each with its own shared "
+                                  "negatives (more groups: less weight on each negative row)")
+    dup_limit: float = _field(1.6, "caps lr * (pair contributions a row sums in one step); "
+                              "past it the row gets that many times their mean (keeps large "
+                              "batches from diverging)")
     steps_per_call: int = _field(16, "train steps fused into one jitted call")
     min_lr_fraction: float = _field(1e-4, "final learning rate as a fraction of --lr")
     seed: int = _field(0, "seed for initialisation and sampling; same seed, same vectors")
@@ -77,6 +80,11 @@ class TrainConfig:
     def segments_per_step(self) -> int:
         return max(1, self.batch // self.segment)
 
+    @property
+    def dup_cap(self) -> float:
+        """Most pair contributions a row may sum in one step (``dup_limit / lr``)."""
+        return self.dup_limit / self.learning_rate
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -84,7 +92,7 @@ class TrainConfig:
             raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, "
                              f"got {self.objective!r}")
         for name in ("dim", "window", "negative", "min_count", "epochs", "batch", "segment",
-                     "shared_negatives", "steps_per_call"):
+                     "shared_negatives", "negative_groups", "steps_per_call"):
             value = getattr(self, name)
             if value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -96,8 +104,8 @@ class TrainConfig:
             raise UsageError(f"--sample must be >= 0, got {self.sample}")
         if not 0 < self.min_lr_fraction <= 1:
             raise UsageError(f"--min-lr-fraction must be in (0, 1], got {self.min_lr_fraction}")
-        if not self.dup_cap > 0:
-            raise UsageError(f"--dup-cap must be positive, got {self.dup_cap}")
+        if not self.dup_limit > 0:
+            raise UsageError(f"--dup-limit must be positive, got {self.dup_limit}")
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -105,28 +113,29 @@ class TrainConfig:
 # step's pairs (not the mean), so that jax.grad gives each pair word2vec's own update size.
 
 def skipgram_negative_loss(in_rows, out_rows, neg_rows, mask, num_negative: int):
-    """Skip-gram with negative sampling, the negatives shared by every pair of the step.
+    """Skip-gram with negative sampling, each group's negatives shared by all its pairs.
 
     For a pair (context x, centre c) word2vec maximises
-    log s(u_x . v_c) + sum_{k<K} log s(-u_x . v_{n_k}). Here each of the step's M shared
-    negatives stands for K/M of a pair's negatives, so input x, which is in P_x pairs, gets
-    negative term (K P_x / M) sum_m log s(-u_x . v_m): the same expectation as K private
-    draws per pair, with matrix products instead of row-by-row dots.
+    log s(u_x . v_c) + sum_{k<K} log s(-u_x . v_{n_k}). Here the B segments form G groups
+    and each group's M negatives stand for K/M of a pair's negatives: input x, in P_x
+    pairs, gets the negative term (K P_x / M) sum_m log s(-u_x . v_m) -- the expectation of
+    K private draws per pair, computed with matrix products instead of row-by-row dots.
 
     Args:
       in_rows: (B, L + 2W, D) input vectors u of each segment's positions.
       out_rows: (B, L, D) output vectors v of the centres.
-      neg_rows: (M, D) output vectors of the shared negatives.
+      neg_rows: (G, M, D) output vectors of each group's negatives (G divides B).
       mask: (B, L, L + 2W) bool, which (centre, input) cells are pairs (``pair_mask``).
       num_negative: K.
 
     Returns:
       Scalar loss summed over pairs.
     """
+    groups, m, dim = neg_rows.shape
     scores = jnp.einsum("bcd,bjd->bcj", out_rows, in_rows)
     positive = jnp.sum(jnp.where(mask, jax.nn.log_sigmoid(scores), 0.0))
-    weight = jnp.sum(mask, axis=1).astype(in_rows.dtype) * (num_negative / neg_rows.shape[0])
-    neg_scores = jnp.einsum("bjd,md->bjm", in_rows, neg_rows)
+    weight = jnp.sum(mask, axis=1).astype(in_rows.dtype).reshape(groups, -1) * (num_negative / m)
+    neg_scores = jnp.einsum("gnd,gmd->gnm", in_rows.reshape(groups, -1, dim), neg_rows)
     negative = jnp.sum(weight * jnp.sum(jax.nn.log_sigmoid(-neg_scores), axis=-1))
     return -(positive + negative)
 
@@ -150,19 +159,20 @@ def cbow_negative_loss(hidden, out_rows, neg_rows, valid, num_negative: int):
     """CBOW with negative sampling: predict each centre from the mean of its context.
 
     Loss per centre c with context mean h: -log s(h . v_c) - (K/M) sum_m log s(-h . v_m),
-    the M shared negatives again standing for K private ones.
+    over the M negatives of the centre's group, which again stand for K private ones.
 
     Args:
       hidden: (B, L, D) context means (``cbow_hidden``).
       out_rows: (B, L, D) output vectors of the centres.
-      neg_rows: (M, D) output vectors of the shared negatives.
+      neg_rows: (G, M, D) output vectors of each group's negatives.
       valid: (B, L) bool, centres that have at least one context word.
       num_negative: K.
     """
+    groups, m, dim = neg_rows.shape
     positive = jnp.where(valid, jax.nn.log_sigmoid(jnp.sum(hidden * out_rows, -1)), 0.0)
-    neg_scores = jnp.einsum("bcd,md->bcm", hidden, neg_rows)
-    negative = jnp.where(valid[..., None], jax.nn.log_sigmoid(-neg_scores), 0.0)
-    return -(jnp.sum(positive) + jnp.sum(negative) * (num_negative / neg_rows.shape[0]))
+    neg_scores = jnp.einsum("gnd,gmd->gnm", hidden.reshape(groups, -1, dim), neg_rows)
+    negative = jnp.where(valid.reshape(groups, -1, 1), jax.nn.log_sigmoid(-neg_scores), 0.0)
+    return -(jnp.sum(positive) + jnp.sum(negative) * (num_negative / m))
 
 
 def skipgram_softmax_loss(in_rows, out_ids, w_out, mask):
@@ -230,29 +240,31 @@ def skipgram_negative_grads(in_rows, out_rows, neg_rows, mask, num_negative: int
     log-sigmoid evaluates exp and log1p twice per score, and it lays the products out
     as plain row-major matmuls.
     """
-    dim = in_rows.shape[-1]
+    groups, m, dim = neg_rows.shape
     scores = jnp.einsum("bcd,bjd->bcj", out_rows, in_rows)
     pos = jnp.where(mask, jax.nn.sigmoid(-scores), 0.0)               # -dL/dscore
     g_out = -jnp.einsum("bcj,bjd->bcd", pos, in_rows)
     g_in = -jnp.einsum("bjc,bcd->bjd", _t(pos), out_rows)
-    weight = jnp.sum(mask, axis=1).astype(in_rows.dtype) * (num_negative / neg_rows.shape[0])
-    flat = in_rows.reshape(-1, dim)
-    neg = weight.reshape(-1, 1) * jax.nn.sigmoid(flat @ neg_rows.T)   # dL/dneg_score
-    g_in = g_in + (neg @ neg_rows).reshape(in_rows.shape)
-    g_neg = _t(neg) @ flat
+    weight = jnp.sum(mask, axis=1).astype(in_rows.dtype) * (num_negative / m)
+    grouped = in_rows.reshape(groups, -1, dim)
+    neg = (weight.reshape(groups, -1, 1)
+           * jax.nn.sigmoid(jnp.einsum("gnd,gmd->gnm", grouped, neg_rows)))  # dL/dneg_score
+    g_in = g_in + jnp.einsum("gnm,gmd->gnd", neg, neg_rows).reshape(in_rows.shape)
+    g_neg = jnp.einsum("gmn,gnd->gmd", _t(neg), grouped)
     return g_in, g_out, g_neg
 
 
 def cbow_negative_grads(hidden, out_rows, neg_rows, valid, num_negative: int):
     """Closed-form gradient of ``cbow_negative_loss`` w.r.t. hidden, out_rows, neg_rows."""
-    dim = hidden.shape[-1]
+    groups, m, dim = neg_rows.shape
     pos = jnp.where(valid, jax.nn.sigmoid(-jnp.sum(hidden * out_rows, -1)), 0.0)
-    flat = hidden.reshape(-1, dim)
-    scale = valid.reshape(-1, 1).astype(hidden.dtype) * (num_negative / neg_rows.shape[0])
-    neg = scale * jax.nn.sigmoid(flat @ neg_rows.T)
-    g_hidden = -pos[..., None] * out_rows + (neg @ neg_rows).reshape(hidden.shape)
+    grouped = hidden.reshape(groups, -1, dim)
+    scale = valid.reshape(groups, -1, 1).astype(hidden.dtype) * (num_negative / m)
+    neg = scale * jax.nn.sigmoid(jnp.einsum("gnd,gmd->gnm", grouped, neg_rows))
+    g_hidden = (-pos[..., None] * out_rows
+                + jnp.einsum("gnm,gmd->gnd", neg, neg_rows).reshape(hidden.shape))
     g_out = -pos[..., None] * hidden
-    g_neg = _t(neg) @ flat
+    g_neg = jnp.einsum("gmn,gnd->gmd", _t(neg), grouped)
     return g_hidden, g_out, g_neg
 
 
@@ -340,12 +352,15 @@ def train_step(config: TrainConfig, optimizer: optax.GradientTransformation,
     else:
         g_in, g_out, g_neg = skipgram_negative_grads(in_rows, out_rows, neg_rows, mask, k)
         centre_weight = jnp.sum(mask_f, axis=2).reshape(-1)
-    neg_weight = jnp.sum(centre_weight) * k / neg_rows.shape[0]
-    rows_out = jnp.concatenate([out_ids, batch.neg_ids])
-    weights_out = jnp.concatenate([centre_weight, jnp.full(batch.neg_ids.shape, neg_weight)])
+    groups, m = batch.neg_ids.shape
+    # Every negative of a group stands for (pairs in the group) * K / M pair-negatives.
+    neg_weight = jnp.sum(centre_weight.reshape(groups, -1), axis=1, keepdims=True) * k / m
+    rows_out = jnp.concatenate([out_ids, batch.neg_ids.reshape(-1)])
+    weights_out = jnp.concatenate([centre_weight,
+                                   jnp.broadcast_to(neg_weight, (groups, m)).reshape(-1)])
     out_scale = _row_scale(rows_out, weights_out, vocab_size, config.dup_cap)
     g_in = g_in.reshape(-1, dim) * in_scale[:, None]
-    g_out = jnp.concatenate([g_out.reshape(-1, dim), g_neg]) * out_scale[:, None]
+    g_out = jnp.concatenate([g_out.reshape(-1, dim), g_neg.reshape(-1, dim)]) * out_scale[:, None]
     (u_in, u_out), opt_state = optimizer.update((g_in, g_out), opt_state)
     w_in = w_in.at[in_ids].add(u_in, mode="promise_in_bounds")
     w_out = w_out.at[rows_out].add(u_out, mode="promise_in_bounds")

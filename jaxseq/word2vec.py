@@ -21,20 +21,23 @@ built around products:
   centre's shrunk window, same sentence). Each pair of word2vec.c appears exactly once per
   epoch, but a row is gathered and scattered about 2.3 times per centre instead of twice
   per pair (~11 per centre).
-* **Shared negatives** (BlazingText, Gupta & Khare 2017; also Intel's HogBatch). The M
-  negatives of a step are shared by all of its pairs, and weighted K/M so that each pair's
-  negative term has word2vec's expectation; their scores and gradients become products
-  with an (M, D) matrix. Segment order is shuffled every epoch, so a step mixes B places
-  of the corpus (corpus order costs analogy accuracy).
+* **Shared negatives** (BlazingText, Gupta & Khare 2017; also Intel's HogBatch). The
+  step's segments form G groups; the M negatives drawn for a group are shared by all of
+  its pairs and weighted K/M, so that each pair's negative term has word2vec's
+  expectation; their scores and gradients become products with a (G, M, D) array.
+  Segment order is shuffled every epoch, so a step mixes B places of the corpus (corpus
+  order costs analogy accuracy).
 * **Sparse updates with optax.** The loss is a pure function of the gathered rows; its
   gradient w.r.t. those rows goes through ``optax.sgd(optax.linear_schedule(...))`` and
   the result is scatter-added into the tables. A dense optimizer over the full (V, D)
   tables would cost more per step than all the rest.
 * **Duplicates.** Rows that occur several times in a step receive the sum of their pairs'
-  updates, computed from the same (stale) values. Ordinary steps are kept moderate (256
-  centres, about 1,400 pairs) so this is close to sequential SGD; to keep very large
-  batches from diverging, a row whose summed contributions exceed ``dup_cap`` pairs in
-  one step is scaled down to ``dup_cap`` times their mean.
+  updates, computed from the same (stale) values: n contributions at rate lr act like
+  one step of size n * lr, and when they agree (a small vocabulary, a huge batch) that
+  overshoots and diverges. Ordinary steps are kept moderate (256 centres, about 1,400
+  pairs, four negative groups) so this is close to sequential SGD; past n * lr =
+  ``dup_limit`` a row's update is scaled down to ``dup_limit / lr`` times the mean of
+  its contributions, which leaves ordinary steps alone and keeps large batches finite.
 * **Overlap.** Batches are built with NumPy on a background thread while the device runs
   ``steps_per_call`` steps in one jitted ``lax.scan``.
 
@@ -178,14 +181,23 @@ class _StopSignals:
         return False
 
 
-def _plan(prepared: Prepared, config: TrainConfig) -> tuple[int, int, int]:
-    """(segments_per_step, steps_per_call, total_steps) for this corpus."""
+class Plan(NamedTuple):
+    segments_per_step: int
+    negative_groups: int      # divides segments_per_step
+    steps_per_call: int
+    total_steps: int
+
+
+def plan(prepared: Prepared, config: TrainConfig) -> Plan:
+    """Batch geometry for this corpus (small corpora get smaller steps and calls)."""
     expected_kept = float(np.sum(prepared.vocab.counts * prepared.keep))
     n_seg = max(1, math.ceil(expected_kept / config.segment))
     per_step = min(config.segments_per_step, n_seg)
+    groups = max(g for g in range(1, min(config.negative_groups, per_step) + 1)
+                 if per_step % g == 0)
     steps = min(config.steps_per_call, math.ceil(n_seg / per_step))
     calls = math.ceil(n_seg / (per_step * steps))
-    return per_step, steps, calls * steps * config.epochs
+    return Plan(per_step, groups, steps, calls * steps * config.epochs)
 
 
 def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
@@ -210,7 +222,7 @@ def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
     config.validate()
     vocab, corpus = prepared.vocab, prepared.corpus
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    per_step, steps, total_steps = _plan(prepared, config)
+    per_step, groups, steps, total_steps = plan(prepared, config)
     rng = np.random.default_rng(config.seed)
     key = jax.random.key(config.seed)
     params = init_params(key, len(vocab), config.dim)
@@ -221,38 +233,38 @@ def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
         return epoch_chunks(corpus, prepared.keep, prepared.cdf, window=config.window,
                             segment=config.segment, segments_per_step=per_step,
                             steps_per_call=steps, shared_negatives=config.shared_negatives,
-                            rng=rng, epoch=epoch)
+                            negative_groups=groups, rng=rng, epoch=epoch)
 
     start = time.perf_counter()
-    producer = BatchProducer(make_epoch, config.epochs)
-    # Compile while the producer builds the first batches.
-    width = config.segment + 2 * config.window
-    shapes = SegmentBatch(
-        *(jax.ShapeDtypeStruct((steps, per_step, n), jnp.int32)
-          for n in (width, width, config.segment, config.segment, config.segment)),
-        jax.ShapeDtypeStruct((steps, config.shared_negatives), jnp.int32))
-    run_chunk = make_chunk_fn(config, optimizer).lower(state, shapes).compile()
-
     total_words = corpus.raw_words * config.epochs
-    bar = tqdm(total=total_words, disable=not progress, unit="word", unit_scale=True,
-               dynamic_ncols=True, file=sys.stderr, desc=f"word2vec {config.mode}")
     done_words, pending, interrupted = 0.0, None, None
-    try:
-        with _StopSignals(handle_signals) as signals:
+    with _StopSignals(handle_signals) as signals:
+        producer = BatchProducer(make_epoch, config.epochs)
+        bar = tqdm(total=total_words, disable=not progress, unit="word", unit_scale=True,
+                   dynamic_ncols=True, file=sys.stderr, desc=f"word2vec {config.mode}")
+        try:
+            # Compile while the producer builds the first batches.
+            width = config.segment + 2 * config.window
+            shapes = SegmentBatch(
+                *(jax.ShapeDtypeStruct((steps, per_step, n), jnp.int32)
+                  for n in (width, width, config.segment, config.segment, config.segment)),
+                jax.ShapeDtypeStruct((steps, groups, config.shared_negatives), jnp.int32))
+            run_chunk = make_chunk_fn(config, optimizer).lower(state, shapes).compile()
             for chunk in producer:
-                state, losses = run_chunk(state, chunk.batch)
+                if signals.received is not None or (should_stop is not None and should_stop()):
+                    break
+                state, loss = run_chunk(state, chunk.batch)
                 if pending is not None:  # the previous call has finished by now
                     bar.set_postfix(epoch=pending[1] + 1, loss=f"{float(pending[0]):.3f}")
-                pending = (losses, chunk.epoch)
+                pending = (loss, chunk.epoch)
                 done_words += chunk.raw_words
                 bar.update(min(round(done_words), total_words) - bar.n)
-                if signals.received is not None or (should_stop is not None and should_stop()):
-                    interrupted = signals.received if signals.received is not None else 0
-                    break
             jax.block_until_ready(state)
-    finally:
-        producer.close()
-        bar.close()
+        finally:
+            producer.close()
+            bar.close()
+        if done_words < total_words * (1 - 1e-9):
+            interrupted = signals.received if signals.received is not None else 0
     seconds = time.perf_counter() - start
     if not bool(jnp.all(jnp.isfinite(state.params.w_in))):
         log("warning: training produced non-finite vectors; try a lower --lr or --batch")
