@@ -39,6 +39,8 @@ from jaxseq.errors import UsageError
 
 DEFAULT_OUT = "runs/vanishing"
 TABLE_STEPS = (1, 10, 50, 100, 200)
+MARKERS = {"rnn": "o", "lstm": "s", "gru": "^"}
+PHASE_NAMES = {"init": "at initialisation", "trained": "trained"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,10 @@ class VanishingConfig:
                              schedule="constant", warmup=20, seed=self.seed, sample_length=0)
 
 
+def _windows(n: int) -> str:
+    return f"{n} window" + ("s" if n != 1 else "")
+
+
 def _sci(x: float) -> str:
     return f"{x:.2e}" if math.isfinite(x) and x > 0 else ("0" if x == 0 else str(x))
 
@@ -101,7 +107,7 @@ def _sci(x: float) -> str:
 def gradient_tables(profiles: dict, cfg: VanishingConfig, val_loss: dict) -> str:
     """Markdown tables of the measured profiles (mean over windows)."""
     ks = [k for k in TABLE_STEPS if k < cfg.window]
-    lines = [f"## Loss gradient: mean ‖∂L_T/∂s_(T−k)‖ over {cfg.examples} windows\n",
+    lines = [f"## Loss gradient: mean ‖∂L_T/∂s_(T−k)‖ over {_windows(cfg.examples)}\n",
              "s is the whole recurrent state (h; h and c together for the LSTM). Columns "
              "after k = 0 are ratios to k = 0. 'Falls 1000x at' is the first k where the "
              "mean is below a thousandth of its k = 0 value.\n",
@@ -117,7 +123,7 @@ def gradient_tables(profiles: dict, cfg: VanishingConfig, val_loss: dict) -> str
                          + f" | {fall if fall is not None else f'> {cfg.window - 1}'} |")
     if cfg.jacobian_examples:
         lines += ["", f"## Jacobian: mean ‖∂h_T/∂s_(T−k)‖_F over "
-                  f"{min(cfg.jacobian_examples, cfg.examples)} windows\n",
+                  f"{_windows(min(cfg.jacobian_examples, cfg.examples))}\n",
                   f"At k = 0 it is √H = {math.sqrt(cfg.hidden):.2f} (the identity).\n",
                   "| cell | phase | " + " | ".join(f"k = {k}" for k in ks) + " |",
                   "|" + "---|" * (2 + len(ks))]
@@ -135,19 +141,23 @@ def plot_gradients(profiles: dict, cfg: VanishingConfig, path: pathlib.Path) -> 
     import matplotlib.pyplot as plt
 
     panels = [("state", r"loss gradient $\|\partial L_T / \partial s_{T-k}\|$, mean over "
-                        f"{cfg.examples} windows")]
+                        f"{_windows(cfg.examples)}")]
     if cfg.jacobian_examples:
         panels.append(("jacobian", r"Jacobian $\|\partial h_T / \partial s_{T-k}\|_F$, mean "
-                                   f"over {min(cfg.jacobian_examples, cfg.examples)} windows"))
+                                   f"over {_windows(min(cfg.jacobian_examples, cfg.examples))}"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
     k = np.arange(cfg.window)
+    # Markers tell apart curves that coincide (the RNN's and GRU's at initialisation do).
+    markevery = max(1, cfg.window // 8)
     for ax, (key, title) in zip(axes[0], panels):
         for cell in cfg.cells:
             for phase, style in (("init", ":"), ("trained", "-")):
                 mean = profiles[cell][phase][key].mean(axis=1)
                 mean = np.where(mean > 0, mean, np.nan)  # log axis
                 ax.semilogy(k, mean, linestyle=style, color=COLORS[cell],
-                            label=f"{cell}, {'at initialisation' if phase == 'init' else 'trained'}")
+                            marker=MARKERS[cell], markevery=markevery, markersize=5,
+                            markerfacecolor="none" if phase == "init" else COLORS[cell],
+                            label=f"{cell}, {PHASE_NAMES[phase]}")
         ax.set_xlabel("k, steps back from the last step")
         ax.set_ylabel("norm (log scale)")
         ax.set_title(title, fontsize=10)
@@ -167,12 +177,11 @@ def plot_recall(results: list, cfg: VanishingConfig, path: pathlib.Path) -> None
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     gaps = sorted(set(cfg.task_gaps))
-    markers = {"rnn": "o", "lstm": "s", "gru": "^"}
     for i, cell in enumerate(cfg.cells):
         acc = [next(r.accuracy for r in results if r.cell == cell and r.gap == g) for g in gaps]
         # A small horizontal offset per cell keeps coinciding points (all at 1.0, say) visible.
         shift = 1.0 + 0.025 * (i - (len(cfg.cells) - 1) / 2)
-        ax.plot([g * shift for g in gaps], acc, marker=markers[cell], color=COLORS[cell],
+        ax.plot([g * shift for g in gaps], acc, marker=MARKERS[cell], color=COLORS[cell],
                 label=cell, alpha=0.85)
     ax.axhline(1.0 / cfg.task_symbols, color="gray", linestyle="--",
                label=f"chance (1/{cfg.task_symbols})")
