@@ -53,14 +53,14 @@ class CharRNNConfig:
 
     cell: str = _f("gru", "recurrent cell", choices=("rnn", "lstm", "gru"))
     layers: int = _f(2, "number of stacked recurrent layers")
-    hidden: int = _f(320, "units per layer")
+    hidden: int = _f(256, "units per layer")
     embed: int = _f(64, "character embedding width")
     input: str = _f("embedding", "feed learned embeddings or one-hot vectors",
                     choices=("embedding", "onehot"))
     dropout: float = _f(0.0, "dropout rate on embeddings, between and after layers")
     dtype: str = _f("float32", "compute dtype (bfloat16: mixed precision, f32 params)",
                     choices=("float32", "bfloat16"))
-    steps: int = _f(3500, "training steps")
+    steps: int = _f(1500, "training steps")
     batch: int = _f(64, "sequences per batch")
     seq: int = _f(100, "characters per truncated-BPTT window")
     windows: str = _f("sequential", "sequential: hidden state carries across consecutive "
