@@ -35,7 +35,7 @@ built around products:
   updates, computed from the same (stale) values: n contributions at rate lr act like
   one step of size n * lr, and when they agree (a small vocabulary, a huge batch) that
   overshoots and diverges. Ordinary steps are kept moderate (256 centres, about 1,400
-  pairs, four negative groups) so this is close to sequential SGD; past n * lr =
+  pairs, eight negative groups) so this is close to sequential SGD; past n * lr =
   ``dup_limit`` a row's update is scaled down to ``dup_limit / lr`` times the mean of
   its contributions, which leaves ordinary steps alone and keeps large batches finite.
 * **Overlap.** Batches are built with NumPy on a background thread while the device runs
