@@ -98,11 +98,14 @@ def run_configs(config: CompareConfig, vocab_size: int) -> list[tuple[str, CharR
     """``(label, CharRNNConfig)`` for every run: each cell, for each input mode."""
     runs = []
     for mode in config.input_modes():
+        # Every training setting is spelled out so that changes to CharRNNConfig's defaults
+        # do not silently change the comparison.
         base = CharRNNConfig(cell="lstm", layers=config.layers, hidden=config.hidden,
-                             embed=config.embed, input=mode, batch=config.batch, seq=config.seq,
-                             windows="sequential", lr=config.lr, schedule="constant",
-                             warmup=config.warmup, clip=config.clip, seed=config.seed,
-                             sample_length=0)
+                             embed=config.embed, input=mode, dropout=0.0, dtype="float32",
+                             batch=config.batch, seq=config.seq, windows="sequential",
+                             lr=config.lr, schedule="constant", warmup=config.warmup,
+                             clip=config.clip, seed=config.seed, sample_length=0,
+                             train_fraction=0.9)
         target = None
         if config.match == "params":
             target = analysis.count_model_params(base, vocab_size)

@@ -91,9 +91,13 @@ class VanishingConfig:
             raise UsageError(f"--lr must be positive, got {self.lr}")
 
     def shakespeare_config(self, cell: str) -> CharRNNConfig:
+        # Every training setting is spelled out so that changes to CharRNNConfig's defaults
+        # do not silently change this experiment.
         return CharRNNConfig(cell=cell, layers=1, hidden=self.hidden, embed=self.embed,
-                             batch=self.train_batch, seq=self.train_seq, lr=self.lr,
-                             schedule="constant", warmup=20, seed=self.seed, sample_length=0)
+                             input="embedding", dropout=0.0, dtype="float32",
+                             batch=self.train_batch, seq=self.train_seq, windows="sequential",
+                             lr=self.lr, schedule="constant", warmup=20, clip=5.0,
+                             seed=self.seed, sample_length=0, train_fraction=0.9)
 
 
 def _windows(n: int) -> str:
