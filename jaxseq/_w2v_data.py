@@ -219,12 +219,13 @@ class Chunk(NamedTuple):
 def epoch_chunks(corpus: EncodedCorpus, keep: np.ndarray, cdf: np.ndarray, *, window: int,
                  segment: int, segments_per_step: int, steps_per_call: int,
                  shared_negatives: int, rng: np.random.Generator, negative_groups: int = 1,
-                 epoch: int = 0) -> Iterator[Chunk]:
+                 shuffle_block: int = 0, epoch: int = 0) -> Iterator[Chunk]:
     """One epoch of shuffled segment batches, ``steps_per_call`` steps at a time.
 
     The kept tokens (after subsampling) are cut into segments of ``segment`` centres whose
-    order is shuffled, so each step mixes ``segments_per_step`` places of the corpus; the
-    last call of the epoch is filled up with empty (all-padding) segments.
+    order is shuffled within consecutive blocks of ``shuffle_block`` segments (0: the whole
+    epoch), so each step mixes ``segments_per_step`` places of that stretch of the corpus;
+    the last call of the epoch is filled up with empty (all-padding) segments.
     """
     kept = subsample(corpus.ids, keep, rng)
     ids, sent = corpus.ids[kept], corpus.sentence[kept]
@@ -240,7 +241,10 @@ def epoch_chunks(corpus: EncodedCorpus, keep: np.ndarray, cdf: np.ndarray, *, wi
     win = np.ones(tok.shape, np.int32)
     tok[window:window + n], sen[window:window + n] = ids, sent
     win[window:window + n] = sample_windows(n, window, rng)
-    starts = rng.permutation(n_seg) * segment
+    block = shuffle_block if shuffle_block > 0 else n_seg
+    order = np.concatenate([start + rng.permutation(min(block, n_seg - start))
+                            for start in range(0, n_seg, block)])
+    starts = order * segment
     filler = np.full(n_calls * per_call - n_seg, length, np.int64)
     starts = np.concatenate([starts, filler]).reshape(n_calls, steps_per_call, segments_per_step)
     in_pos = np.arange(segment + 2 * window)

@@ -66,6 +66,8 @@ class TrainConfig:
     dup_limit: float = _field(1.6, "caps lr * (pair contributions a row sums in one step); "
                               "past it the row gets that many times their mean (keeps large "
                               "batches from diverging)")
+    shuffle_block: int = _field(2048, "segments are shuffled within consecutive blocks of "
+                                "this many (0: across the whole epoch)")
     steps_per_call: int = _field(16, "train steps fused into one jitted call")
     min_lr_fraction: float = _field(1e-4, "final learning rate as a fraction of --lr")
     seed: int = _field(0, "seed for initialisation and sampling; same seed, same vectors")

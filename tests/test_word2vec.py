@@ -71,8 +71,9 @@ def _reference_pairs(corpus, keep, window, seed):
     return pairs, per_centre
 
 
-@pytest.mark.parametrize("segment,per_step,steps", [(4, 3, 2), (16, 2, 5)])
-def test_segment_batches_hold_exactly_word2vec_pairs(segment, per_step, steps):
+@pytest.mark.parametrize("segment,per_step,steps,block", [(4, 3, 2, 0), (16, 2, 5, 0),
+                                                         (4, 2, 3, 5)])
+def test_segment_batches_hold_exactly_word2vec_pairs(segment, per_step, steps, block):
     rng = np.random.default_rng(3)
     sentences = [[f"w{x}" for x in rng.integers(0, 30, size=rng.integers(1, 25))]
                  for _ in range(60)]
@@ -86,7 +87,7 @@ def test_segment_batches_hold_exactly_word2vec_pairs(segment, per_step, steps):
     for chunk in epoch_chunks(corpus, keep, w2v.negative_cdf(vocab.counts), window=window,
                               segment=segment, segments_per_step=per_step,
                               steps_per_call=steps, shared_negatives=4, negative_groups=1,
-                              rng=np.random.default_rng(7)):
+                              shuffle_block=block, rng=np.random.default_rng(7)):
         assert chunk.batch.in_ids.shape == (steps, per_step, segment + 2 * window)
         assert chunk.batch.neg_ids.shape == (steps, 1, 4)
         raw += chunk.raw_words
@@ -410,3 +411,27 @@ def test_evaluation_matches_gensim(tmp_path):
     assert ours.questions == len(total["correct"]) + len(total["incorrect"])
     np.testing.assert_allclose(ours.accuracy, score, rtol=1e-9)
     assert ours.accuracy > 0.01
+
+
+def test_shuffle_is_local_to_blocks():
+    sentences = [[f"w{i % 7}", f"w{(i + 1) % 7}", f"w{(i + 3) % 7}"] for i in range(400)]
+    vocab = w2v.build_vocab(sentences, 1)
+    corpus = w2v.encode(sentences, vocab)
+    kw = dict(window=2, segment=4, segments_per_step=2, steps_per_call=3, shared_negatives=2)
+
+    def segment_sentences(block):
+        out = []
+        for chunk in epoch_chunks(corpus, np.ones(len(vocab)), w2v.negative_cdf(vocab.counts),
+                                  rng=np.random.default_rng(0), shuffle_block=block, **kw):
+            for seg in chunk.batch.out_sentence.reshape(-1, 4):
+                if (seg >= 0).any():
+                    out.append(seg[seg >= 0].min())
+        return np.asarray(out)
+
+    local = segment_sentences(10)
+    blocks = [local[i:i + 10] for i in range(0, len(local), 10)]
+    assert all(a.max() < b.min() for a, b in zip(blocks, blocks[1:]))   # blocks stay in order
+    assert any((np.diff(b) < 0).any() for b in blocks)                   # shuffled inside
+    full = segment_sentences(0)
+    assert sorted(full.tolist()) == sorted(local.tolist())
+    assert (np.diff(full[:len(full) // 2]) < 0).sum() > len(full) // 8  # shuffled throughout
