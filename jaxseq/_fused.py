@@ -66,6 +66,37 @@ def use_fused(enabled: bool = True):
 
 
 # ----------------------------------------------------------------------------- helpers
+#
+# Layouts: every kernel works on ``xs: (T, B, F)`` and carries ``(B, H)``; weights are
+# ``(in, out)`` as in the cells. ``zs = xs @ W_ih`` (without the bias, which is added inside
+# the loop where it costs nothing) is ONE ``(T*B, F) x (F, G*H)`` matmul.
+#
+# The time loops are ``fori_loop``s over buffers in their carry rather than ``scan`` outputs:
+# the forward writes the gate activations of step t over the pre-activations of step t in
+# the buffer that holds ``zs``, and the backward writes ``dz_t`` over the activations of
+# step t, so no fresh ``(T, B, G*H)`` buffer is allocated and zero-filled for them (on XLA:CPU
+# zero-filling and first-touch page faults of such a buffer cost as much as the gate
+# arithmetic of the whole loop).
+
+
+def _acc_dtype(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _at(buf: Array, t) -> Array:
+    return jax.lax.dynamic_index_in_dim(buf, t, 0, keepdims=False)
+
+
+def _put(buf: Array, value: Array, t) -> Array:
+    return jax.lax.dynamic_update_index_in_dim(buf, value.astype(buf.dtype), t, 0)
+
+
+def _prev(buf: Array, t, first: Array, reverse: bool) -> Array:
+    """The carry that entered step t, read from the stacked outputs ``buf`` (or ``first``)."""
+    T = buf.shape[0]
+    if reverse:
+        return jnp.where(t + 1 < T, _at(buf, jnp.minimum(t + 1, T - 1)), first)
+    return jnp.where(t > 0, _at(buf, jnp.maximum(t - 1, 0)), first)
 
 
 def _shift(ys: Array, first: Array, reverse: bool) -> Array:
@@ -75,257 +106,355 @@ def _shift(ys: Array, first: Array, reverse: bool) -> Array:
     return jnp.concatenate([first[None], ys[:-1]], axis=0)
 
 
+def _time_loop(T: int, reverse: bool, body: Callable, init):
+    """``body(t, state)`` for t = 0..T-1, or T-1..0 when ``reverse``."""
+    if reverse:
+        return jax.lax.fori_loop(0, T, lambda i, s: body(T - 1 - i, s), init)
+    return jax.lax.fori_loop(0, T, body, init)
+
+
+def _rewrite_loop(T: int, reverse: bool, body: Callable, carry, bufs: tuple):
+    """A time loop that replaces ``bufs[k][t]`` by what ``body`` computes from it, in place.
+
+    ``body(t, carry, olds) -> (carry, news)`` with ``olds[k] = bufs[k][t]`` and ``news[k]``
+    written over it. Each step's slices are read at the end of the step before (after that
+    step's write): read and write then touch the buffer in an order XLA can see, so it
+    updates the buffer in place instead of copying all of it every step (which it does when
+    the read at step t is fused into the consumers of the write at step t).
+
+    Returns:
+      ``(carry, bufs)`` after the last step.
+    """
+    order = (lambda i: T - 1 - i) if reverse else (lambda i: i)
+
+    def step(i, state):
+        carry, bufs, olds = state
+        t = order(i)
+        carry, news = body(t, carry, olds)
+        bufs = tuple(_put(b, n, t) for b, n in zip(bufs, news))
+        t_next = order(jnp.minimum(i + 1, T - 1))
+        return carry, bufs, tuple(_at(b, t_next) for b in bufs)
+
+    first = tuple(_at(b, order(0)) for b in bufs)
+    carry, bufs, _ = jax.lax.fori_loop(0, T, step, (carry, tuple(bufs), first))
+    return carry, bufs
+
+
+def _dot(a: Array, b: Array) -> Array:
+    return jnp.dot(a, b, preferred_element_type=a.dtype)
+
+
+def _project(xs: Array, w_ih: Array) -> Array:
+    """``(T, B, F) @ (F, G*H) -> (T, B, G*H)`` as one 2-D matmul (no bias)."""
+    T, B, F = xs.shape
+    return _dot(xs.reshape(T * B, F), w_ih).reshape(T, B, w_ih.shape[1])
+
+
 def _weight_grad(hs: Array, dzs: Array, dtype) -> Array:
-    """``sum_t hs_t^T dzs_t`` as one ``(H, T*B) x (T*B, G*H)`` matmul, accumulated in f32."""
+    """``sum_t hs_t^T dzs_t`` as one ``(H, T*B) x (T*B, G*H)`` matmul, accumulated in f32.
+
+    The contraction runs over the leading axis of both operands, which XLA:CPU executes
+    without transposing the (large) ``dzs`` first.
+    """
     h2 = hs.reshape(-1, hs.shape[-1])
     d2 = dzs.reshape(-1, dzs.shape[-1])
-    acc = jnp.promote_types(dtype, jnp.float32)
-    dw = jax.lax.dot_general(h2, d2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+    dw = jax.lax.dot_general(h2, d2, (((0,), (0,)), ((), ())),
+                             preferred_element_type=_acc_dtype(dtype))
     return dw.astype(dtype)
 
 
-def _recurrent(h: Array, w: Array) -> Array:
-    return jnp.dot(h, w, preferred_element_type=h.dtype)
+def _input_grads(xs: Array, w_ih: Array, dzs: Array) -> tuple[Array, Array, Array]:
+    """``(dxs, dW_ih, db)`` of ``zs = xs @ W_ih + b`` given ``dzs``: two matmuls, one sum."""
+    T, B, F = xs.shape
+    d2 = dzs.reshape(T * B, -1)
+    dxs = jax.lax.dot_general(d2, w_ih, (((1,), (1,)), ((), ())),
+                              preferred_element_type=xs.dtype).reshape(xs.shape)
+    dw_ih = _weight_grad(xs, dzs, w_ih.dtype)
+    # A matrix-vector product: XLA:CPU may lower the equivalent reduction to a slow
+    # reduce-window over the (T*B, G*H) gradient.
+    ones = jnp.ones((d2.shape[0],), d2.dtype)
+    db = jnp.dot(ones, d2, preferred_element_type=_acc_dtype(d2.dtype)).astype(w_ih.dtype)
+    return dxs, dw_ih, db
 
 
-def _recurrent_t(dz: Array, w: Array) -> Array:
-    """``dz @ w^T`` without materialising the transpose."""
-    return jax.lax.dot_general(dz, w, (((1,), (1,)), ((), ())), preferred_element_type=dz.dtype)
+def _blocks(a: Array, n: int) -> list[Array]:
+    H = a.shape[-1] // n
+    return [a[..., k * H:(k + 1) * H] for k in range(n)]
 
 
 # ----------------------------------------------------------------------------- vanilla RNN
 
 
-def _rnn_step(act: str, w: Array, h: Array, z: Array) -> Array:
-    pre = z + _recurrent(h, w)
+def _rnn_cell(act: str, w_hh, b, h, zx):
+    pre = zx + b + _dot(h, w_hh)
     return jnp.tanh(pre) if act == "tanh" else jax.nn.relu(pre)
 
 
-def _rnn_scan(act, reverse, w, h0, zs):
-    def body(h, z):
-        h = _rnn_step(act, w, h, z)
-        return h, h
-    return jax.lax.scan(body, h0, zs, reverse=reverse)
+def _rnn_forward(act, reverse, w_ih, b, w_hh, h0, xs):
+    zs = _project(xs, w_ih)
+
+    def body(t, state):
+        h, buf = state
+        h = _rnn_cell(act, w_hh, b, h, _at(buf, t))
+        return h, _put(buf, h, t)  # the outputs overwrite the pre-activations
+
+    return _time_loop(xs.shape[0], reverse, body, (h0, zs))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _rnn(act, reverse, w, h0, zs):
-    return _rnn_scan(act, reverse, w, h0, zs)
+def _rnn_layer(act, reverse, w_ih, b, w_hh, h0, xs):
+    return _rnn_forward(act, reverse, w_ih, b, w_hh, h0, xs)
 
 
-def _rnn_fwd(act, reverse, w, h0, zs):
-    hT, ys = _rnn_scan(act, reverse, w, h0, zs)
-    return (hT, ys), (w, h0, ys)
+def _rnn_layer_fwd(act, reverse, w_ih, b, w_hh, h0, xs):
+    hT, ys = _rnn_forward(act, reverse, w_ih, b, w_hh, h0, xs)
+    return (hT, ys), (w_ih, w_hh, h0, xs, ys)
 
 
-def _rnn_bwd(act, reverse, res, cts):
-    w, h0, ys = res
+def _rnn_layer_bwd(act, reverse, res, cts):
+    w_ih, w_hh, h0, xs, ys = res
     dhT, dys = cts
+    w_hh_t = w_hh.T
 
-    def body(dh_next, inputs):
-        dy, y = inputs
+    def body(t, dh_next, olds):
+        (dy,) = olds
         dh = dy + dh_next
-        dz = dh * (1.0 - y * y) if act == "tanh" else jnp.where(y > 0, dh, jnp.zeros_like(dh))
-        return _recurrent_t(dz, w), dz
+        y = _at(ys, t)
+        dz = dh * (1.0 - y * y) if act == "tanh" else jnp.where(y > 0, dh, 0.0).astype(dh.dtype)
+        return _dot(dz, w_hh_t), (dz,)  # dz_t overwrites dy_t
 
-    dh0, dzs = jax.lax.scan(body, dhT, (dys, ys), reverse=not reverse)
-    dw = _weight_grad(_shift(ys, h0, reverse), dzs, w.dtype)
-    return dw, dh0, dzs
+    dh0, (dzs,) = _rewrite_loop(xs.shape[0], not reverse, body, dhT, (dys,))
+    dw_hh = _weight_grad(_shift(ys, h0, reverse), dzs, w_hh.dtype)
+    dxs, dw_ih, db = _input_grads(xs, w_ih, dzs)
+    return dw_ih, db, dw_hh, dh0, dxs
 
 
-_rnn.defvjp(_rnn_fwd, _rnn_bwd)
+_rnn_layer.defvjp(_rnn_layer_fwd, _rnn_layer_bwd)
 
 
 # ----------------------------------------------------------------------------- LSTM
 
 
-def _lstm_gates(w, h, c, z):
-    H = h.shape[-1]
-    z = z + _recurrent(h, w)
-    i = jax.nn.sigmoid(z[..., :H])
-    f = jax.nn.sigmoid(z[..., H:2 * H])
-    g = jnp.tanh(z[..., 2 * H:3 * H])
-    o = jax.nn.sigmoid(z[..., 3 * H:])
+def _lstm_cell(w_hh, b, h, c, zx):
+    i, f, g, o = _blocks(zx + b + _dot(h, w_hh), 4)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
     c = f * c + i * g
     h = o * jnp.tanh(c)
     return h, c, (i, f, g, o)
 
 
-def _lstm_scan(reverse, w, h0, c0, zs, save: bool):
-    def body(carry, z):
-        h, c = carry
-        h_new, c_new, gates = _lstm_gates(w, h, c, z)
-        out = (h_new, c_new, jnp.concatenate(gates, axis=-1)) if save else h_new
-        return (h_new, c_new), out
-    return jax.lax.scan(body, (h0, c0), zs, reverse=reverse)
+def _lstm_forward(reverse, w_ih, b, w_hh, h0, c0, xs, save: bool):
+    T, B, _ = xs.shape
+    zs = _project(xs, w_ih)
+    ys = jnp.zeros((T, B, h0.shape[-1]), h0.dtype)
+    cs = jnp.zeros_like(ys) if save else None
+
+    def body(t, state):
+        h, c, buf, ys, cs = state
+        h, c, gates = _lstm_cell(w_hh, b, h, c, _at(buf, t))
+        ys = _put(ys, h, t)
+        if save:
+            buf = _put(buf, jnp.concatenate(gates, axis=-1), t)  # activations over z_t
+            cs = _put(cs, c, t)
+        return h, c, buf, ys, cs
+
+    h, c, acts, ys, cs = _time_loop(T, reverse, body, (h0, c0, zs, ys, cs))
+    return (h, c), ys, acts, cs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lstm(reverse, w, h0, c0, zs):
-    (h, c), ys = _lstm_scan(reverse, w, h0, c0, zs, save=False)
-    return (h, c), ys
+def _lstm_layer(reverse, w_ih, b, w_hh, h0, c0, xs):
+    carry, ys, _, _ = _lstm_forward(reverse, w_ih, b, w_hh, h0, c0, xs, save=False)
+    return carry, ys
 
 
-def _lstm_fwd(reverse, w, h0, c0, zs):
-    (h, c), (ys, cs, acts) = _lstm_scan(reverse, w, h0, c0, zs, save=True)
-    return ((h, c), ys), (w, h0, c0, ys, cs, acts)
+def _lstm_layer_fwd(reverse, w_ih, b, w_hh, h0, c0, xs):
+    carry, ys, acts, cs = _lstm_forward(reverse, w_ih, b, w_hh, h0, c0, xs, save=True)
+    return (carry, ys), (w_ih, w_hh, h0, c0, xs, ys, cs, acts)
 
 
-def _lstm_bwd(reverse, res, cts):
-    w, h0, c0, ys, cs, acts = res
+def _lstm_layer_bwd(reverse, res, cts):
+    w_ih, w_hh, h0, c0, xs, ys, cs, acts = res
     (dhT, dcT), dys = cts
-    H = h0.shape[-1]
-    c_prev = _shift(cs, c0, reverse)
+    w_hh_t = w_hh.T
 
-    def body(carry, inputs):
+    def body(t, carry, olds):
         dh_next, dc_next = carry
-        dy, a, c, cp = inputs
-        i, f, g, o = a[..., :H], a[..., H:2 * H], a[..., 2 * H:3 * H], a[..., 3 * H:]
-        dh = dy + dh_next
+        i, f, g, o = _blocks(olds[0], 4)
+        c, c_prev = _at(cs, t), _prev(cs, t, c0, reverse)
+        dh = _at(dys, t) + dh_next
         tc = jnp.tanh(c)
         dc = dc_next + dh * o * (1.0 - tc * tc)
         dz = jnp.concatenate([
             dc * g * i * (1.0 - i),
-            dc * cp * f * (1.0 - f),
+            dc * c_prev * f * (1.0 - f),
             dc * i * (1.0 - g * g),
             dh * tc * o * (1.0 - o),
         ], axis=-1)
-        return (_recurrent_t(dz, w), dc * f), dz
+        return (_dot(dz, w_hh_t), dc * f), (dz,)  # dz_t overwrites the activations
 
-    (dh0, dc0), dzs = jax.lax.scan(body, (dhT, dcT), (dys, acts, cs, c_prev),
-                                   reverse=not reverse)
-    dw = _weight_grad(_shift(ys, h0, reverse), dzs, w.dtype)
-    return dw, dh0, dc0, dzs
+    (dh0, dc0), (dzs,) = _rewrite_loop(xs.shape[0], not reverse, body, (dhT, dcT), (acts,))
+    dw_hh = _weight_grad(_shift(ys, h0, reverse), dzs, w_hh.dtype)
+    dxs, dw_ih, db = _input_grads(xs, w_ih, dzs)
+    return dw_ih, db, dw_hh, dh0, dc0, dxs
 
 
-_lstm.defvjp(_lstm_fwd, _lstm_bwd)
+_lstm_layer.defvjp(_lstm_layer_fwd, _lstm_layer_bwd)
 
 
 # ----------------------------------------------------------------------------- GRU, reset after
 
 
-def _gru_gates(w, b_hn, h, zx):
-    H = h.shape[-1]
-    zh = _recurrent(h, w)
-    r = jax.nn.sigmoid(zx[..., :H] + zh[..., :H])
-    u = jax.nn.sigmoid(zx[..., H:2 * H] + zh[..., H:2 * H])
-    hn = zh[..., 2 * H:] + b_hn
-    n = jnp.tanh(zx[..., 2 * H:] + r * hn)
-    h = (1.0 - u) * n + u * h
-    return h, (r, u, n, hn)
+def _gru_cell(w_hh, b, b_hn, h, zx):
+    xr, xz, xn = _blocks(zx + b, 3)
+    hr, hz, hn = _blocks(_dot(h, w_hh), 3)
+    r = jax.nn.sigmoid(xr + hr)
+    u = jax.nn.sigmoid(xz + hz)
+    hn = hn + b_hn
+    n = jnp.tanh(xn + r * hn)
+    return n + u * (h - n), (r, u, n, hn)
 
 
-def _gru_scan(reverse, w, b_hn, h0, zs, save: bool):
-    def body(h, z):
-        h_new, gates = _gru_gates(w, b_hn, h, z)
-        return h_new, ((h_new, jnp.concatenate(gates, axis=-1)) if save else h_new)
-    return jax.lax.scan(body, h0, zs, reverse=reverse)
+def _gru_forward(reverse, w_ih, b, w_hh, b_hn, h0, xs, save: bool):
+    T, B, _ = xs.shape
+    zs = _project(xs, w_ih)
+    ys = jnp.zeros((T, B, h0.shape[-1]), h0.dtype)
+    hns = jnp.zeros_like(ys) if save else None
+
+    def body(t, state):
+        h, buf, ys, hns = state
+        h, (r, u, n, hn) = _gru_cell(w_hh, b, b_hn, h, _at(buf, t))
+        ys = _put(ys, h, t)
+        if save:
+            buf = _put(buf, jnp.concatenate([r, u, n], axis=-1), t)
+            hns = _put(hns, hn, t)
+        return h, buf, ys, hns
+
+    h, acts, ys, hns = _time_loop(T, reverse, body, (h0, zs, ys, hns))
+    return h, ys, acts, hns
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gru(reverse, w, b_hn, h0, zs):
-    return _gru_scan(reverse, w, b_hn, h0, zs, save=False)
+def _gru_layer(reverse, w_ih, b, w_hh, b_hn, h0, xs):
+    h, ys, _, _ = _gru_forward(reverse, w_ih, b, w_hh, b_hn, h0, xs, save=False)
+    return h, ys
 
 
-def _gru_fwd(reverse, w, b_hn, h0, zs):
-    hT, (ys, acts) = _gru_scan(reverse, w, b_hn, h0, zs, save=True)
-    return (hT, ys), (w, h0, ys, acts)
+def _gru_layer_fwd(reverse, w_ih, b, w_hh, b_hn, h0, xs):
+    h, ys, acts, hns = _gru_forward(reverse, w_ih, b, w_hh, b_hn, h0, xs, save=True)
+    return (h, ys), (w_ih, w_hh, h0, xs, ys, acts, hns)
 
 
-def _gru_bwd(reverse, res, cts):
-    w, h0, ys, acts = res
+def _gru_layer_bwd(reverse, res, cts):
+    w_ih, w_hh, h0, xs, ys, acts, hns = res
     dhT, dys = cts
     H = h0.shape[-1]
-    h_prev = _shift(ys, h0, reverse)
+    w_hh_t = w_hh.T
 
-    def body(dh_next, inputs):
-        dy, a, hp = inputs
-        r, u, n, hn = a[..., :H], a[..., H:2 * H], a[..., 2 * H:3 * H], a[..., 3 * H:]
-        dh = dy + dh_next
+    def body(t, dh_next, olds):
+        r, u, n = _blocks(olds[0], 3)
+        hn, h_prev = olds[1], _prev(ys, t, h0, reverse)
+        dh = _at(dys, t) + dh_next
         dn = dh * (1.0 - u) * (1.0 - n * n)
         dr = dn * hn * r * (1.0 - r)
-        du = dh * (hp - n) * u * (1.0 - u)
-        dzx = jnp.concatenate([dr, du, dn], axis=-1)
-        dzh = jnp.concatenate([dr, du, dn * r], axis=-1)
-        return dh * u + _recurrent_t(dzh, w), (dzx, dzh)
+        du = dh * (h_prev - n) * u * (1.0 - u)
+        dhn = dn * r
+        dh_prev = dh * u + _dot(jnp.concatenate([dr, du, dhn], axis=-1), w_hh_t)
+        # dz_t (input side) overwrites the activations, d(h W_hn)_t overwrites hn_t.
+        return dh_prev, (jnp.concatenate([dr, du, dn], axis=-1), dhn)
 
-    dh0, (dzxs, dzhs) = jax.lax.scan(body, dhT, (dys, acts, h_prev), reverse=not reverse)
-    dw = _weight_grad(h_prev, dzhs, w.dtype)
-    acc = jnp.promote_types(w.dtype, jnp.float32)
-    db_hn = jnp.sum(dzhs[..., 2 * H:], axis=(0, 1), dtype=acc).astype(w.dtype)
-    return dw, db_hn, dh0, dzxs
+    dh0, (dzs, dhns) = _rewrite_loop(xs.shape[0], not reverse, body, dhT, (acts, hns))
+    h_prev = _shift(ys, h0, reverse)
+    dw_hh = jnp.concatenate([_weight_grad(h_prev, dzs[..., :2 * H], w_hh.dtype),
+                             _weight_grad(h_prev, dhns, w_hh.dtype)], axis=1)
+    db_hn = jnp.sum(dhns, axis=(0, 1), dtype=_acc_dtype(dhns.dtype)).astype(w_hh.dtype)
+    dxs, dw_ih, db = _input_grads(xs, w_ih, dzs)
+    return dw_ih, db, dw_hh, db_hn, dh0, dxs
 
 
-_gru.defvjp(_gru_fwd, _gru_bwd)
+_gru_layer.defvjp(_gru_layer_fwd, _gru_layer_bwd)
 
 
 # ----------------------------------------------------------------------------- GRU, Cho et al.
 
 
-def _gru_cho_gates(w, h, zx):
+def _gru_cho_cell(w_hh, b, h, zx):
     H = h.shape[-1]
-    zh = _recurrent(h, w[:, :2 * H])
-    r = jax.nn.sigmoid(zx[..., :H] + zh[..., :H])
-    u = jax.nn.sigmoid(zx[..., H:2 * H] + zh[..., H:])
-    cand = jnp.tanh(zx[..., 2 * H:] + _recurrent(r * h, w[:, 2 * H:]))
-    h = (1.0 - u) * h + u * cand
-    return h, (r, u, cand)
+    xr, xz, xn = _blocks(zx + b, 3)
+    hr, hz = _blocks(_dot(h, w_hh[:, :2 * H]), 2)
+    r = jax.nn.sigmoid(xr + hr)
+    u = jax.nn.sigmoid(xz + hz)
+    cand = jnp.tanh(xn + _dot(r * h, w_hh[:, 2 * H:]))
+    return h + u * (cand - h), (r, u, cand)
 
 
-def _gru_cho_scan(reverse, w, h0, zs, save: bool):
-    def body(h, z):
-        h_new, gates = _gru_cho_gates(w, h, z)
-        return h_new, ((h_new, jnp.concatenate(gates, axis=-1)) if save else h_new)
-    return jax.lax.scan(body, h0, zs, reverse=reverse)
+def _gru_cho_forward(reverse, w_ih, b, w_hh, h0, xs, save: bool):
+    T, B, _ = xs.shape
+    zs = _project(xs, w_ih)
+    ys = jnp.zeros((T, B, h0.shape[-1]), h0.dtype)
+
+    def body(t, state):
+        h, buf, ys = state
+        h, gates = _gru_cho_cell(w_hh, b, h, _at(buf, t))
+        if save:
+            buf = _put(buf, jnp.concatenate(gates, axis=-1), t)
+        return h, buf, _put(ys, h, t)
+
+    h, acts, ys = _time_loop(T, reverse, body, (h0, zs, ys))
+    return h, ys, acts
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gru_cho(reverse, w, h0, zs):
-    return _gru_cho_scan(reverse, w, h0, zs, save=False)
+def _gru_cho_layer(reverse, w_ih, b, w_hh, h0, xs):
+    h, ys, _ = _gru_cho_forward(reverse, w_ih, b, w_hh, h0, xs, save=False)
+    return h, ys
 
 
-def _gru_cho_fwd(reverse, w, h0, zs):
-    hT, (ys, acts) = _gru_cho_scan(reverse, w, h0, zs, save=True)
-    return (hT, ys), (w, h0, ys, acts)
+def _gru_cho_layer_fwd(reverse, w_ih, b, w_hh, h0, xs):
+    h, ys, acts = _gru_cho_forward(reverse, w_ih, b, w_hh, h0, xs, save=True)
+    return (h, ys), (w_ih, w_hh, h0, xs, ys, acts)
 
 
-def _gru_cho_bwd(reverse, res, cts):
-    w, h0, ys, acts = res
+def _gru_cho_layer_bwd(reverse, res, cts):
+    w_ih, w_hh, h0, xs, ys, acts = res
     dhT, dys = cts
     H = h0.shape[-1]
-    h_prev = _shift(ys, h0, reverse)
-    w_rz, w_n = w[:, :2 * H], w[:, 2 * H:]
+    w_rz_t, w_n_t = w_hh[:, :2 * H].T, w_hh[:, 2 * H:].T
 
-    def body(dh_next, inputs):
-        dy, a, hp = inputs
-        r, u, cand = a[..., :H], a[..., H:2 * H], a[..., 2 * H:]
-        dh = dy + dh_next
+    def body(t, dh_next, olds):
+        r, u, cand = _blocks(olds[0], 3)
+        h_prev = _prev(ys, t, h0, reverse)
+        dh = _at(dys, t) + dh_next
         dn = dh * u * (1.0 - cand * cand)
-        drh = _recurrent_t(dn, w_n)
-        dr = drh * hp * r * (1.0 - r)
-        du = dh * (cand - hp) * u * (1.0 - u)
+        drh = _dot(dn, w_n_t)
+        dr = drh * h_prev * r * (1.0 - r)
+        du = dh * (cand - h_prev) * u * (1.0 - u)
         drz = jnp.concatenate([dr, du], axis=-1)
-        dh_prev = dh * (1.0 - u) + drh * r + _recurrent_t(drz, w_rz)
-        return dh_prev, jnp.concatenate([drz, dn], axis=-1)
+        dh_prev = dh * (1.0 - u) + drh * r + _dot(drz, w_rz_t)
+        # dz_t overwrites the activations; r_t * h_{t-1} (for dW_n) overwrites dy_t.
+        return dh_prev, (jnp.concatenate([drz, dn], axis=-1), r * h_prev)
 
-    dh0, dzs = jax.lax.scan(body, dhT, (dys, acts, h_prev), reverse=not reverse)
-    rh_prev = acts[..., :H] * h_prev
-    dw = jnp.concatenate([_weight_grad(h_prev, dzs[..., :2 * H], w.dtype),
-                          _weight_grad(rh_prev, dzs[..., 2 * H:], w.dtype)], axis=1)
-    return dw, dh0, dzs
+    dh0, (dzs, rhs) = _rewrite_loop(xs.shape[0], not reverse, body, dhT, (acts, dys))
+    dw_hh = jnp.concatenate([
+        _weight_grad(_shift(ys, h0, reverse), dzs[..., :2 * H], w_hh.dtype),
+        _weight_grad(rhs, dzs[..., 2 * H:], w_hh.dtype)], axis=1)
+    dxs, dw_ih, db = _input_grads(xs, w_ih, dzs)
+    return dw_ih, db, dw_hh, dh0, dxs
 
 
-_gru_cho.defvjp(_gru_cho_fwd, _gru_cho_bwd)
+_gru_cho_layer.defvjp(_gru_cho_layer_fwd, _gru_cho_layer_bwd)
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 
 class _Kernel(NamedTuple):
-    """How one recurrence maps onto a fused scan.
+    """How one recurrence maps onto a fused layer.
 
-    ``step(params, carry, z)`` is the kernel's own single step, checked against the cell's;
-    ``run(params, carry, zs, reverse)`` is the fused unroll over ``(T, B, G*H)``.
+    ``step(params, carry, x)`` is one step computed by the kernel's own cell function (the
+    one its loops use), checked against the cell's ``project`` and ``step``;
+    ``run(params, carry, xs, reverse)`` is the fused unroll over ``xs: (T, B, F)``.
+    Both take params already cast to the compute dtype.
     """
 
     name: str
@@ -334,21 +463,22 @@ class _Kernel(NamedTuple):
     run: Callable[[Params, Carry, Array, bool], tuple[Carry, Array]]
 
 
-def _w(params, dtype):
-    return params.w_hh.astype(dtype)
+def _one(p, x: Array) -> Array:
+    """The bias-free projection of a single step ``x: (B, F)``, as the loops compute it."""
+    return _project(x[None], p.w_ih)[0]
 
 
 def _rnn_kernel(act: str) -> _Kernel:
     return _Kernel(
         name=f"rnn_{act}",
         matches=lambda cell, p: cell.name == "rnn" and cell.num_gates == 1,
-        step=lambda p, h, z: _rnn_step(act, _w(p, z.dtype), h, z),
-        run=lambda p, h, zs, rev: _rnn(act, rev, _w(p, zs.dtype), h, zs),
+        step=lambda p, h, x: _rnn_cell(act, p.w_hh, p.b, h, _one(p, x)),
+        run=lambda p, h, xs, rev: _rnn_layer(act, rev, p.w_ih, p.b, p.w_hh, h, xs),
     )
 
 
-def _lstm_run(p, carry, zs, rev):
-    (h, c), ys = _lstm(rev, _w(p, zs.dtype), carry.h, carry.c, zs)
+def _lstm_run(p, carry, xs, rev):
+    (h, c), ys = _lstm_layer(rev, p.w_ih, p.b, p.w_hh, carry.h, carry.c, xs)
     return LSTMState(h=h, c=c), ys
 
 
@@ -358,46 +488,48 @@ _KERNELS = (
     _Kernel(
         name="lstm",
         matches=lambda cell, p: cell.name == "lstm" and cell.num_gates == 4,
-        step=lambda p, carry, z: LSTMState(*_lstm_gates(_w(p, z.dtype), carry.h, carry.c, z)[:2]),
+        step=lambda p, s, x: LSTMState(*_lstm_cell(p.w_hh, p.b, s.h, s.c, _one(p, x))[:2]),
         run=_lstm_run,
     ),
     _Kernel(
         name="gru",
         matches=lambda cell, p: (cell.name == "gru" and cell.num_gates == 3
                                  and getattr(p, "b_hn", None) is not None),
-        step=lambda p, h, z: _gru_gates(_w(p, z.dtype), p.b_hn.astype(z.dtype), h, z)[0],
-        run=lambda p, h, zs, rev: _gru(rev, _w(p, zs.dtype), p.b_hn.astype(zs.dtype), h, zs),
+        step=lambda p, h, x: _gru_cell(p.w_hh, p.b, p.b_hn, h, _one(p, x))[0],
+        run=lambda p, h, xs, rev: _gru_layer(rev, p.w_ih, p.b, p.w_hh, p.b_hn, h, xs),
     ),
     _Kernel(
         name="gru_cho",
         matches=lambda cell, p: (cell.name == "gru" and cell.num_gates == 3
                                  and hasattr(p, "b_hn") and p.b_hn is None),
-        step=lambda p, h, z: _gru_cho_gates(_w(p, z.dtype), h, z)[0],
-        run=lambda p, h, zs, rev: _gru_cho(rev, _w(p, zs.dtype), h, zs),
+        step=lambda p, h, x: _gru_cho_cell(p.w_hh, p.b, h, _one(p, x))[0],
+        run=lambda p, h, xs, rev: _gru_cho_layer(rev, p.w_ih, p.b, p.w_hh, h, xs),
     ),
 )
 
-# cell.step -> {params structure: kernel or None}; weak so that cells can be collected.
+# cell.step -> {params/carry structure: kernel or None}; weak so that cells can be collected.
 _recognised: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
 
 
 def _probe_matches(kernel: _Kernel, cell: Cell, params: Params, carry: Carry) -> bool:
-    """Runs the kernel's step and the cell's on random float32 inputs; equal means same maths."""
+    """Runs the kernel's step and the cell's ``step(project(x))`` on random float32 inputs
+    (non-zero biases included); equal results mean the kernel computes the cell's maths."""
     rng = np.random.default_rng(0)
-    batch, H, G = 3, cell.hidden_size, cell.num_gates
+    batch, H = 3, cell.hidden_size
     draw = lambda shape: jnp.asarray(rng.normal(0.0, 0.7, shape).astype(np.float32))
     with jax.ensure_compile_time_eval():
         p = jax.tree.map(lambda a: draw(a.shape), params)
         c = jax.tree.map(lambda a: draw((batch, H)), carry)
-        z = draw((batch, G * H))
         try:
-            want, _ = cell.step(p, c, z)
-            got = kernel.step(p, c, z)
+            x = draw((batch, p.w_ih.shape[0]))
+            want, _ = cell.step(p, c, cell.project(p, x))
+            got = kernel.step(p, c, x)
         except Exception:  # a different structure: not this kernel's recurrence
             return False
         if jax.tree.structure(want) != jax.tree.structure(got):
             return False
-        return all(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        return all(a.shape == b.shape and np.allclose(np.asarray(a), np.asarray(b),
+                                                       rtol=1e-4, atol=1e-5)
                    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
 
 
@@ -417,35 +549,40 @@ def _kernel_for(cell: Cell, params: Params, carry: Carry) -> Optional[_Kernel]:
 
 
 def fused_unroll(
-    cell: Cell, params: Params, carry: Carry, zs: Array, reverse: bool
+    cell: Cell, params: Params, carry: Carry, xs: Array, reverse: bool
 ) -> Optional[tuple[Carry, Array]]:
-    """``unroll`` over already projected inputs with a fused kernel, or ``None`` if none fits.
+    """``unroll`` (without ``seq_lengths``) by a fused kernel, or ``None`` if none applies.
 
     Args:
       cell: the cell.
       params: its parameters.
       carry: initial carry, leaves ``(*batch, H)``.
-      zs: ``(T, *batch, G*H)``, the output of ``cell.project``.
+      xs: ``(T, *batch, F)`` inputs (the kernel does the input projection itself).
       reverse: run from the last step to the first.
 
     Returns:
       ``(final_carry, ys)`` with ``ys: (T, *batch, H)``, or ``None`` when no kernel applies
       (then the caller runs the plain scan).
     """
-    if not fused_enabled() or zs.ndim < 2 or zs.shape[0] == 0:
+    if not fused_enabled() or xs.ndim < 2 or xs.shape[0] == 0:
         return None
-    if not jnp.issubdtype(zs.dtype, jnp.floating):
+    if not jnp.issubdtype(xs.dtype, jnp.floating):
         return None
     leaves = jax.tree.leaves(carry)
-    batch = zs.shape[1:-1]
+    batch = tuple(xs.shape[1:-1])
     H = cell.hidden_size
-    if not leaves or any(l.dtype != zs.dtype or tuple(l.shape) != (*batch, H) for l in leaves):
+    if not leaves or any(l.dtype != xs.dtype or tuple(l.shape) != (*batch, H) for l in leaves):
+        return None
+    if math.prod(batch) == 0 or not hasattr(params, "w_ih") or not hasattr(params, "w_hh"):
+        return None
+    if params.w_ih.ndim != 2 or params.w_ih.shape[0] != xs.shape[-1]:
         return None
     kernel = _kernel_for(cell, params, carry)
     if kernel is None:
         return None
-    T, B = zs.shape[0], math.prod(batch)
+    T, B = xs.shape[0], math.prod(batch)
+    cast = jax.tree.map(lambda a: a.astype(xs.dtype), params)
     flat_carry = jax.tree.map(lambda l: l.reshape(B, H), carry)
-    new_carry, ys = kernel.run(params, flat_carry, zs.reshape(T, B, zs.shape[-1]), reverse)
+    new_carry, ys = kernel.run(cast, flat_carry, xs.reshape(T, B, xs.shape[-1]), reverse)
     new_carry = jax.tree.map(lambda l: l.reshape(*batch, H), new_carry)
     return new_carry, ys.reshape(T, *batch, H)

@@ -57,13 +57,14 @@ def unroll(
     Returns:
       ``(final_carry, ys)`` with ``ys: (T, *batch, H)``.
     """
-    zs = cell.project(params, xs)
     if seq_lengths is None:
-        # The built-in cells run as fused kernels whose backward pass takes the recurrent
-        # weight gradient out of the time loop (jaxseq/_fused.py); others use plain scan.
-        fused = fused_unroll(cell, params, carry, zs, reverse)
+        # The built-in cells run as fused kernels whose backward pass takes the weight
+        # gradients out of the time loop (jaxseq/_fused.py); other cells use plain scan.
+        fused = fused_unroll(cell, params, carry, xs, reverse)
         if fused is not None:
             return fused
+    zs = cell.project(params, xs)
+    if seq_lengths is None:
         return jax.lax.scan(lambda c, z: cell.step(params, c, z), carry, zs, reverse=reverse)
     steps = jnp.arange(xs.shape[0]).reshape((-1,) + (1,) * (xs.ndim - 2))
     valid = steps < jnp.asarray(seq_lengths)[None]

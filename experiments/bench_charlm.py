@@ -1,0 +1,733 @@
+"""Char-LM training and sampling throughput: jaxseq vs flax.linen vs PyTorch.
+
+Training (``python -m experiments.bench charlm``): the same model in every implementation
+(embedding of width H, ``--layers`` recurrent layers of H units, a dense decoder to the
+vocabulary; Adam, clipping by global norm 5, float32) trained on random tokens. Every
+implementation runs in its own worker process, so each one's peak RSS is its own; the
+workers of one (cell, H) group are all started first (one at a time, so compile times are
+not disturbed) and then asked for one timed step each in turn, A B C, B C A, ..., so that
+drift on a shared machine hits all of them alike. Reported: the median of the timed steps
+as characters per second, the compile time of the train step, the worker's peak RSS, and
+the ratios to PyTorch and to flax.linen within the group.
+
+Sampling (``python -m experiments.bench sample``): ``--length`` characters at each
+``--batch`` from jaxseq's compiled scan (``jaxseq.sample.sample``), from a Python loop
+over a jitted single step, and from a PyTorch ``no_grad`` loop, interleaved in one process.
+
+Compile (``python -m experiments.bench compile``): the compile time of jaxseq's (and
+flax.linen's) train step at several sequence lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Optional, Sequence
+
+VOCAB = 65  # Tiny Shakespeare's character set
+CELLS = ("rnn", "lstm", "gru")
+TRAIN_IMPLS = ("jaxseq", "jaxseq-scan", "flax", "torch")
+SAMPLE_IMPLS = ("jaxseq", "jax-loop", "torch")
+_MARK = "@@bench "  # prefix of the worker's protocol lines on stdout
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _torch_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None
+
+
+# ================================================================= the three train steps
+#
+# Each builder returns ``(run_step, compile_s)``: ``run_step()`` does one optimizer step on
+# the fixed batch and returns when its results are ready.
+
+
+def _tokens(spec: dict):
+    import numpy as np
+    rng = np.random.default_rng(spec["seed"])
+    shape = (spec["seq"], spec["batch"])
+    return (rng.integers(0, VOCAB, shape).astype(np.int32),
+            rng.integers(0, VOCAB, shape).astype(np.int32))
+
+
+def _build_jaxseq(spec: dict, fused: bool = True):
+    import jax
+    from jaxseq import charrnn
+    from jaxseq._fused import use_fused
+
+    config = charrnn.CharRNNConfig(
+        cell=spec["cell"], layers=spec["layers"], hidden=spec["hidden"], embed=spec["hidden"],
+        batch=spec["batch"], seq=spec["seq"], lr=2e-3, schedule="constant", warmup=0,
+        clip=5.0, dtype=spec["dtype"], seed=spec["seed"])
+    model = charrnn.build_model(config, VOCAB)
+    optimizer = charrnn.make_optimizer(config)
+    state = charrnn.init_state(config, model, optimizer)
+    inputs, targets = _tokens(spec)
+    inputs, targets = jax.device_put(inputs), jax.device_put(targets)
+    with use_fused(fused):
+        step = charrnn.make_train_step(model, optimizer, config)
+        start = time.perf_counter()
+        compiled = step.lower(state, inputs, targets, False).compile()
+        compile_s = time.perf_counter() - start
+    box = [state]
+
+    def run_step():
+        box[0], metrics = compiled(box[0], inputs, targets, False)
+        jax.block_until_ready(metrics["loss"])
+
+    return run_step, compile_s
+
+
+def _build_flax(spec: dict):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    H, dtype = spec["hidden"], jnp.dtype(spec["dtype"])
+    cell_cls = {"rnn": nn.SimpleCell, "lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}[spec["cell"]]
+
+    class LinenCharLM(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):  # (T, B) int
+            x = nn.Embed(VOCAB, H, dtype=dtype)(tokens)
+            for _ in range(spec["layers"]):
+                x = nn.RNN(cell_cls(features=H, dtype=dtype), time_major=True)(x)
+            return nn.Dense(VOCAB, dtype=dtype)(x).astype(jnp.float32)
+
+    model = LinenCharLM()
+    inputs, targets = _tokens(spec)
+    inputs, targets = jax.device_put(inputs), jax.device_put(targets)
+    params = model.init(jax.random.key(spec["seed"]), inputs)
+    optimizer = optax.chain(optax.clip_by_global_norm(5.0), optax.adam(2e-3))
+    opt_state = optimizer.init(params)
+
+    def loss_fn(params, inputs, targets):
+        logits = model.apply(params, inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    @jax.jit
+    def train_step(params, opt_state, inputs, targets):
+        loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    start = time.perf_counter()
+    compiled = train_step.lower(params, opt_state, inputs, targets).compile()
+    compile_s = time.perf_counter() - start
+    box = [params, opt_state]
+
+    def run_step():
+        box[0], box[1], loss = compiled(box[0], box[1], inputs, targets)
+        jax.block_until_ready(loss)
+
+    return run_step, compile_s
+
+
+def _torch_model(spec: dict):
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(spec["seed"])
+    rnn_cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[spec["cell"]]
+    H = spec["hidden"]
+
+    class TorchCharLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(VOCAB, H)
+            self.rnn = rnn_cls(H, H, spec["layers"])  # time-major (T, B, H)
+            self.decode = torch.nn.Linear(H, VOCAB)
+
+        def forward(self, tokens, state=None):
+            ys, state = self.rnn(self.embed(tokens), state)
+            return self.decode(ys), state
+
+    return TorchCharLM()
+
+
+def _build_torch(spec: dict):
+    import torch
+
+    model = _torch_model(spec)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    inputs, targets = (torch.from_numpy(a).long() for a in _tokens(spec))
+
+    def run_step():
+        optimizer.zero_grad(set_to_none=True)
+        logits, _ = model(inputs)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+
+    return run_step, None  # eager: nothing to compile
+
+
+def build_train_step(spec: dict) -> tuple[Callable[[], None], Optional[float]]:
+    """``(run_step, compile_s)`` for ``spec['impl']`` (see ``TRAIN_IMPLS``)."""
+    impl = spec["impl"]
+    if impl == "jaxseq":
+        return _build_jaxseq(spec, fused=True)
+    if impl == "jaxseq-scan":
+        return _build_jaxseq(spec, fused=False)
+    if impl == "flax":
+        return _build_flax(spec)
+    if impl == "torch":
+        return _build_torch(spec)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+# ================================================================= worker process
+
+
+def _say(record: dict) -> None:
+    sys.stdout.write(_MARK + json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+def worker_main(spec_json: str) -> int:
+    """A worker: builds one train step, then times steps on request (one JSON line each).
+
+    Protocol on stdin: ``steps N`` times N steps and answers ``{"times": [...]}``;
+    ``quit`` answers ``{"peak_rss_mb": ...}`` and exits.
+    """
+    spec = json.loads(spec_json)
+    import_rss = _peak_rss_mb()
+    run_step, compile_s = build_train_step(spec)
+    start = time.perf_counter()
+    run_step()
+    first_step_s = time.perf_counter() - start
+    for _ in range(max(0, spec["warmup"] - 1)):
+        run_step()
+    _say({"ready": True, "compile_s": compile_s, "first_step_s": first_step_s,
+          "rss_before_build_mb": import_rss})
+    for line in sys.stdin:
+        command = line.split()
+        if not command:
+            continue
+        if command[0] == "steps":
+            times = []
+            for _ in range(int(command[1])):
+                start = time.perf_counter()
+                run_step()
+                times.append(time.perf_counter() - start)
+            _say({"times": times})
+        elif command[0] == "quit":
+            _say({"peak_rss_mb": _peak_rss_mb()})
+            return 0
+    return 0
+
+
+class _Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, spec: dict, env: dict):
+        self.spec = spec
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "experiments.bench_charlm", "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+            env=env)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait()
+                self._stderr.seek(0)
+                tail = self._stderr.read().strip().splitlines()[-5:]
+                raise RuntimeError(f"{self.spec['impl']} worker exited with code "
+                                   f"{self.proc.returncode}: " + " | ".join(tail))
+            if line.startswith(_MARK):
+                return json.loads(line[len(_MARK):])
+
+    def steps(self, n: int) -> list[float]:
+        self.proc.stdin.write(f"steps {n}\n")
+        self.proc.stdin.flush()
+        return self._read()["times"]
+
+    def quit(self) -> float:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        rss = self._read()["peak_rss_mb"]
+        self.proc.wait(timeout=60)
+        self._stderr.close()
+        return rss
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._stderr.close()
+
+
+class _InProcess:
+    """Same interface as ``_Worker`` but in this process (RSS: this process's peak so far)."""
+
+    def __init__(self, spec: dict, env: dict):
+        self.spec = spec
+        run_step, compile_s = build_train_step(spec)
+        start = time.perf_counter()
+        run_step()
+        first = time.perf_counter() - start
+        for _ in range(max(0, spec["warmup"] - 1)):
+            run_step()
+        self._run = run_step
+        self.ready = {"compile_s": compile_s, "first_step_s": first}
+
+    def steps(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            self._run()
+            times.append(time.perf_counter() - start)
+        return times
+
+    def quit(self) -> float:
+        return _peak_rss_mb()
+
+    def kill(self) -> None:
+        pass
+
+
+# ================================================================= configs and CLI
+
+
+def _flag(default, help, **kw):
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainBenchConfig:
+    """Settings of ``python -m experiments.bench charlm``."""
+
+    cell: str = _flag("all", "recurrent cell (all: rnn, lstm and gru)",
+                      choices=("rnn", "lstm", "gru", "all"))
+    hidden: tuple[int, ...] = _flag((256, 512), "hidden sizes H (embedding width = H)")
+    impl: tuple[str, ...] = _flag(
+        ("jaxseq", "flax", "torch"),
+        f"implementations, from {', '.join(TRAIN_IMPLS)} (jaxseq-scan: jaxseq with the fused "
+        f"kernels off, plain lax.scan autodiff); torch is skipped with a note when PyTorch "
+        f"is not installed")
+    layers: int = _flag(2, "recurrent layers")
+    batch: int = _flag(64, "sequences per batch")
+    seq: int = _flag(128, "characters per sequence")
+    steps: int = _flag(7, "timed steps per implementation (the median is reported)")
+    warmup: int = _flag(2, "untimed steps after compiling")
+    dtype: str = _flag("float32", "compute dtype of the JAX implementations (bfloat16: mixed "
+                       "precision with float32 parameters; PyTorch stays float32)",
+                       choices=("float32", "bfloat16"))
+    xla_flags: str = _flag("", "extra XLA_FLAGS for the JAX workers (appended to the "
+                           "environment's)")
+    jaxseq_xla_flags: str = _flag("", "if set, also run 'jaxseq+flags': jaxseq with these "
+                                  "extra XLA_FLAGS, interleaved with the rest")
+    in_process: bool = _flag(False, "run every implementation in this process instead of one "
+                             "worker each (faster to start; peak RSS is then this process's)")
+    seed: int = _flag(0, "seed of the weights and the random tokens")
+    json: bool = _flag(False, "print one JSON line per measurement on stdout (the table "
+                       "then goes to stderr)")
+    progress: bool = _flag(True, "progress bar on stderr")
+
+    def validate(self) -> None:
+        from jaxseq.errors import UsageError
+        for name in ("layers", "batch", "seq", "steps"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
+        if not self.hidden or any(h <= 0 for h in self.hidden):
+            raise UsageError(f"--hidden must be positive integers, got {list(self.hidden)}")
+        bad = [i for i in self.impl if i not in TRAIN_IMPLS]
+        if bad or not self.impl:
+            raise UsageError(f"unknown --impl {', '.join(bad) or '(none)'}; choose from "
+                             f"{', '.join(TRAIN_IMPLS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleBenchConfig:
+    """Settings of ``python -m experiments.bench sample``."""
+
+    cell: str = _flag("lstm", "recurrent cell (all: rnn, lstm and gru)",
+                      choices=("rnn", "lstm", "gru", "all"))
+    hidden: tuple[int, ...] = _flag((512,), "hidden sizes H (embedding width = H)")
+    batch: tuple[int, ...] = _flag((1, 64), "numbers of samples drawn at once")
+    impl: tuple[str, ...] = _flag(
+        SAMPLE_IMPLS, f"implementations, from {', '.join(SAMPLE_IMPLS)} (jax-loop: a Python loop "
+        f"over a jitted single step)")
+    layers: int = _flag(2, "recurrent layers")
+    length: int = _flag(2000, "characters generated per sample")
+    repeats: int = _flag(5, "timed repetitions per implementation (median reported)")
+    seed: int = _flag(0, "seed")
+    json: bool = _flag(False, "print one JSON line per measurement on stdout (the table "
+                       "then goes to stderr)")
+
+    def validate(self) -> None:
+        from jaxseq.errors import UsageError
+        for name in ("layers", "length", "repeats"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("hidden", "batch"):
+            values = getattr(self, name)
+            if not values or any(v <= 0 for v in values):
+                raise UsageError(f"--{name} must be positive integers, got {list(values)}")
+        bad = [i for i in self.impl if i not in SAMPLE_IMPLS]
+        if bad or not self.impl:
+            raise UsageError(f"unknown --impl {', '.join(bad) or '(none)'}; choose from "
+                             f"{', '.join(SAMPLE_IMPLS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileBenchConfig:
+    """Settings of ``python -m experiments.bench compile``."""
+
+    cell: str = _flag("all", "recurrent cell (all: rnn, lstm and gru)",
+                      choices=("rnn", "lstm", "gru", "all"))
+    hidden: int = _flag(512, "hidden size H")
+    seq: tuple[int, ...] = _flag((32, 128, 512), "sequence lengths to compile for")
+    impl: tuple[str, ...] = _flag(("jaxseq", "flax"), "JAX implementations: jaxseq, "
+                                  "jaxseq-scan, flax")
+    layers: int = _flag(2, "recurrent layers")
+    batch: int = _flag(64, "sequences per batch")
+    json: bool = _flag(False, "print one JSON line per measurement on stdout")
+
+    def validate(self) -> None:
+        from jaxseq.errors import UsageError
+        if self.hidden <= 0 or self.layers <= 0 or self.batch <= 0:
+            raise UsageError("--hidden, --layers and --batch must be positive")
+        if not self.seq or any(s <= 0 for s in self.seq):
+            raise UsageError(f"--seq must be positive integers, got {list(self.seq)}")
+        bad = [i for i in self.impl if i not in ("jaxseq", "jaxseq-scan", "flax")]
+        if bad or not self.impl:
+            raise UsageError(f"unknown --impl {', '.join(bad) or '(none)'}; choose from "
+                             f"jaxseq, jaxseq-scan, flax")
+
+
+def _parse(cls, prog: str, description: str, argv):
+    from experiments import _cli
+    p = _cli.parser(prog, description)
+    _cli.add_dataclass_flags(p, cls)
+    config = _cli.config_from_args(cls, p.parse_args(argv))
+    config.validate()
+    return config
+
+
+def _cells(choice: str) -> tuple[str, ...]:
+    return CELLS if choice == "all" else (choice,)
+
+
+def _machine() -> dict:
+    info = {"cpu": "unknown", "cpus": os.cpu_count()}
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        info["load_1min"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+def _emit_table(title: str, header: Sequence[str], rows: list[Sequence[str]], stream) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))
+    print(title, file=stream)
+    print(line(header), file=stream)
+    print("  ".join("-" * w for w in widths), file=stream)
+    for r in rows:
+        print(line(r), file=stream)
+    print(file=stream)
+
+
+def _fmt(x, spec=".2f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+# ================================================================= training benchmark
+
+
+def _impl_env(extra_flags: str) -> dict:
+    env = dict(os.environ)
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if extra_flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + extra_flags).strip()
+    return env
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    config = _parse(TrainBenchConfig, "python -m experiments.bench charlm",
+                    "Training throughput of a char LM: jaxseq vs flax.linen vs PyTorch.", argv)
+    from jaxseq.errors import UsageError
+    from tqdm.auto import tqdm
+
+    impls = list(dict.fromkeys(config.impl))
+    if "torch" in impls and not _torch_available():
+        print("note: PyTorch is not installed; skipping the torch implementation",
+              file=sys.stderr)
+        impls.remove("torch")
+    if config.jaxseq_xla_flags:
+        impls.append("jaxseq+flags")
+    if config.in_process and (config.xla_flags or config.jaxseq_xla_flags):
+        raise UsageError("--xla-flags and --jaxseq-xla-flags need worker processes "
+                         "(drop --in-process)")
+    groups = [(c, h) for h in config.hidden for c in _cells(config.cell)]
+    out = sys.stderr if config.json else sys.stdout
+    machine = _machine()
+    bar = tqdm(total=len(groups) * (len(impls) * (1 + config.steps)), unit="step",
+               disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+    results = []
+    try:
+        for cell, hidden in groups:
+            results.extend(_run_group(config, cell, hidden, impls, bar))
+    finally:
+        bar.close()
+
+    rows = []
+    for r in results:
+        rows.append([r["cell"], r["hidden"], r["impl"], f"{r['chars_per_s']:,.0f}",
+                     _fmt(r["vs_torch"]), _fmt(r["vs_flax"]), _fmt(r["compile_s"]),
+                     f"{r['peak_rss_mb']:,.0f}"])
+        if config.json:
+            print(json.dumps(r), flush=True)
+    _emit_table(
+        f"char-LM training, {config.layers} layers, batch {config.batch}, seq {config.seq}, "
+        f"{config.dtype}, median of {config.steps} interleaved steps "
+        f"({machine['cpu']}, {machine['cpus']} CPUs, load {machine.get('load_1min', '?')} "
+        f"before the last group)",
+        ["cell", "H", "impl", "chars/s", "vs torch", "vs flax", "compile s", "peak RSS MB"],
+        rows, out)
+    return 0
+
+
+def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str], bar):
+    base = dict(cell=cell, hidden=hidden, layers=config.layers, batch=config.batch,
+                seq=config.seq, dtype=config.dtype, seed=config.seed, warmup=config.warmup)
+    workers: dict[str, Any] = {}
+    ready: dict[str, dict] = {}
+    try:
+        for impl in impls:
+            spec = dict(base, impl="jaxseq" if impl == "jaxseq+flags" else impl)
+            if impl == "torch":
+                spec["dtype"] = "float32"
+            flags = config.xla_flags + (" " + config.jaxseq_xla_flags
+                                        if impl == "jaxseq+flags" else "")
+            bar.set_description(f"{cell} H={hidden}: starting {impl}")
+            maker = _InProcess if config.in_process else _Worker
+            workers[impl] = maker(spec, _impl_env(flags.strip()))
+            ready[impl] = workers[impl].ready
+            bar.update(1)
+        times: dict[str, list[float]] = {impl: [] for impl in impls}
+        for round_ in range(config.steps):
+            order = impls[round_ % len(impls):] + impls[:round_ % len(impls)]
+            bar.set_description(f"{cell} H={hidden}: timing")
+            for impl in order:
+                times[impl].extend(workers[impl].steps(1))
+                bar.update(1)
+        load = _machine().get("load_1min")
+        rss = {impl: workers.pop(impl).quit() for impl in list(workers)}
+    finally:
+        for w in workers.values():
+            w.kill()
+
+    chars = config.batch * config.seq
+    speed = {impl: chars / statistics.median(t) for impl, t in times.items()}
+    records = []
+    for impl in impls:
+        records.append({
+            "bench": "charlm", "impl": impl, "cell": cell, "hidden": hidden,
+            "layers": config.layers, "batch": config.batch, "seq": config.seq,
+            "dtype": "float32" if impl == "torch" else config.dtype,
+            "chars_per_s": speed[impl],
+            "step_s_median": statistics.median(times[impl]),
+            "step_s": times[impl],
+            "vs_torch": speed[impl] / speed["torch"] if "torch" in speed else None,
+            "vs_flax": speed[impl] / speed["flax"] if "flax" in speed else None,
+            "compile_s": ready[impl].get("compile_s"),
+            "first_step_s": ready[impl].get("first_step_s"),
+            "peak_rss_mb": rss[impl],
+            "rss_mode": "process" if config.in_process else "worker",
+            "xla_flags": (config.xla_flags + (" " + config.jaxseq_xla_flags
+                                              if impl == "jaxseq+flags" else "")).strip()
+            if impl != "torch" else None,
+            "load_1min": load,
+        })
+    return records
+
+
+# ================================================================= sampling benchmark
+
+
+def _sample_fns(config: SampleBenchConfig, cell: str, hidden: int, batch: int, impls):
+    """``{impl: run()}``, each generating ``length`` tokens for ``batch`` rows and blocking."""
+    fns = {}
+    L = config.length
+    if {"jaxseq", "jax-loop"} & set(impls):
+        import jax
+        import jax.numpy as jnp
+        from jaxseq.models import char_lm
+        from jaxseq.sample import sample
+
+        model = char_lm(VOCAB, cell=cell, hidden=hidden, layers=config.layers, embed=hidden)
+        params = model.init(jax.random.key(config.seed))
+        prime = jnp.zeros((1,), jnp.int32)
+        keys = iter(jax.random.split(jax.random.key(config.seed + 1), 10_000))
+
+        def run_scan():
+            jax.block_until_ready(sample(model, params, next(keys), prime, length=L, num=batch))
+
+        @jax.jit
+        def one_step(params, carry, token, key):
+            carry, logits = model.apply(params, carry, token[None])
+            return carry, jax.random.categorical(key, logits[0]).astype(jnp.int32)
+
+        def run_loop():
+            step_keys = list(jax.random.split(next(keys), L))
+            carry = model.initial_carry((batch,))
+            token = jnp.zeros((batch,), jnp.int32)
+            out = []
+            for k in step_keys:
+                carry, token = one_step(params, carry, token, k)
+                out.append(token)
+            jax.block_until_ready(jnp.stack(out))
+
+        fns["jaxseq"], fns["jax-loop"] = run_scan, run_loop
+    if "torch" in impls:
+        import torch
+
+        net = _torch_model(dict(cell=cell, hidden=hidden, layers=config.layers,
+                                seed=config.seed)).eval()
+        gen = torch.Generator().manual_seed(config.seed)
+
+        def run_torch():
+            with torch.no_grad():
+                token = torch.zeros((1, batch), dtype=torch.long)
+                state, out = None, []
+                for _ in range(L):
+                    logits, state = net(token, state)
+                    probs = torch.softmax(logits[0], dim=-1)
+                    token = torch.multinomial(probs, 1, generator=gen).T
+                    out.append(token)
+                torch.cat(out)
+
+        fns["torch"] = run_torch
+    return {k: fns[k] for k in impls}
+
+
+def sample_main(argv: Optional[Sequence[str]] = None) -> int:
+    config = _parse(SampleBenchConfig, "python -m experiments.bench sample",
+                    "Sampling throughput of a char LM: jaxseq's compiled scan vs a loop of "
+                    "jitted steps vs a PyTorch no_grad loop.", argv)
+    from tqdm.auto import tqdm
+    impls = list(dict.fromkeys(config.impl))
+    if "torch" in impls and not _torch_available():
+        print("note: PyTorch is not installed; skipping the torch implementation",
+              file=sys.stderr)
+        impls.remove("torch")
+    out = sys.stderr if config.json else sys.stdout
+    machine = _machine()
+    groups = [(c, h, b) for h in config.hidden for c in _cells(config.cell) for b in config.batch]
+    rows, records = [], []
+    bar = tqdm(total=len(groups) * len(impls) * (1 + config.repeats), unit="run",
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        for cell, hidden, batch in groups:
+            fns = _sample_fns(config, cell, hidden, batch, impls)
+            first = {}
+            for impl, fn in fns.items():
+                bar.set_description(f"{cell} H={hidden} batch {batch}: first {impl}")
+                start = time.perf_counter()
+                fn()
+                first[impl] = time.perf_counter() - start
+                bar.update(1)
+            times = {impl: [] for impl in fns}
+            for r in range(config.repeats):
+                order = impls[r % len(impls):] + impls[:r % len(impls)]
+                for impl in order:
+                    start = time.perf_counter()
+                    fns[impl]()
+                    times[impl].append(time.perf_counter() - start)
+                    bar.update(1)
+            speed = {impl: batch * config.length / statistics.median(t)
+                     for impl, t in times.items()}
+            for impl in impls:
+                med = statistics.median(times[impl])
+                rec = {"bench": "sample", "impl": impl, "cell": cell, "hidden": hidden,
+                       "layers": config.layers, "batch": batch, "length": config.length,
+                       "chars_per_s": speed[impl], "run_s_median": med, "run_s": times[impl],
+                       "first_run_s": first[impl],
+                       "vs_torch": speed[impl] / speed["torch"] if "torch" in speed else None,
+                       "load_1min": _machine().get("load_1min")}
+                records.append(rec)
+                rows.append([cell, hidden, batch, impl, f"{speed[impl]:,.0f}",
+                             f"{med * 1e3:,.1f}", _fmt(rec["vs_torch"]),
+                             f"{first[impl]:.2f}"])
+    finally:
+        bar.close()
+    if config.json:
+        for rec in records:
+            print(json.dumps(rec), flush=True)
+    _emit_table(
+        f"char-LM sampling, {config.layers} layers, {config.length} characters, median of "
+        f"{config.repeats} interleaved runs ({machine['cpu']}, {machine['cpus']} CPUs)",
+        ["cell", "H", "batch", "impl", "chars/s", "ms/run", "vs torch", "first run s"],
+        rows, out)
+    return 0
+
+
+# ================================================================= compile-time benchmark
+
+
+def compile_main(argv: Optional[Sequence[str]] = None) -> int:
+    config = _parse(CompileBenchConfig, "python -m experiments.bench compile",
+                    "Compile time of the JAX train steps at several sequence lengths.", argv)
+    out = sys.stderr if config.json else sys.stdout
+    rows = []
+    for cell in _cells(config.cell):
+        for seq in config.seq:
+            for impl in dict.fromkeys(config.impl):
+                spec = dict(impl=impl, cell=cell, hidden=config.hidden, layers=config.layers,
+                            batch=config.batch, seq=seq, dtype="float32", seed=0, warmup=0)
+                _, compile_s = build_train_step(spec)
+                rec = {"bench": "compile", "impl": impl, "cell": cell, "hidden": config.hidden,
+                       "seq": seq, "batch": config.batch, "layers": config.layers,
+                       "compile_s": compile_s}
+                if config.json:
+                    print(json.dumps(rec), flush=True)
+                rows.append([cell, config.hidden, seq, impl, f"{compile_s:.2f}"])
+    _emit_table("train-step compile time (lower + compile)",
+                ["cell", "H", "seq", "impl", "compile s"], rows, out)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m experiments.bench_charlm [charlm|sample|compile] ...`` (default: charlm)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from experiments import _cli
+    commands = {"charlm": train_main, "sample": sample_main, "compile": compile_main}
+    if argv and argv[0] in commands:
+        return _cli.run_main(commands[argv[0]], argv[1:])
+    return _cli.run_main(train_main, argv)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(worker_main(sys.argv[2]))
+    sys.exit(main())
