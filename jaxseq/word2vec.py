@@ -31,17 +31,21 @@ built around products:
   analogy accuracy, a shuffle across the whole epoch raises it but costs ~0.03 SimLex
   Spearman for CBOW; the local shuffle matches gensim (which walks the corpus in order
   with two threads) on all three scores.
-* **Sparse updates with optax.** The loss is a pure function of the gathered rows; its
-  gradient w.r.t. those rows goes through ``optax.sgd(optax.linear_schedule(...))`` and
-  the result is scatter-added into the tables. A dense optimizer over the full (V, D)
-  tables would cost more per step than all the rest.
+* **Sparse updates with optax.** Each loss is a pure function of the gathered rows; its
+  gradient w.r.t. those rows (in closed form for negative sampling, equal to ``jax.grad``
+  of the loss as the tests check, because autodiff of log-sigmoid costs two extra
+  transcendentals per score; ``jax.grad`` for the softmax) goes through
+  ``optax.sgd(optax.linear_schedule(...))`` and the result is scatter-added into the
+  tables. A dense optimizer over the full (V, D) tables would cost more per step than
+  all the rest.
 * **Duplicates.** Rows that occur several times in a step receive the sum of their pairs'
   updates, computed from the same (stale) values: n contributions at rate lr act like
   one step of size n * lr, and when they agree (a small vocabulary, a huge batch) that
   overshoots and diverges. Ordinary steps are kept moderate (256 centres, about 1,400
   pairs, eight negative groups) so this is close to sequential SGD; past n * lr =
   ``dup_limit`` a row's update is scaled down to ``dup_limit / lr`` times the mean of
-  its contributions, which leaves ordinary steps alone and keeps large batches finite.
+  its contributions, which leaves ordinary steps alone and keeps large batches finite
+  (though a batch that is huge next to the vocabulary still learns poorly: keep it moderate).
 * **Overlap.** Batches are built with NumPy on a background thread while the device runs
   ``steps_per_call`` steps in one jitted ``lax.scan``.
 
@@ -104,26 +108,30 @@ from jaxseq._w2v_model import (
     TrainState,
     Word2VecParams,
     cbow_hidden,
+    cbow_negative_grads,
     cbow_negative_loss,
     cbow_softmax_loss,
     init_params,
     make_chunk_fn,
     make_optimizer,
+    skipgram_negative_grads,
     skipgram_negative_loss,
     skipgram_softmax_loss,
+    step_loss,
     train_step,
 )
 from jaxseq.errors import UsageError
 
 __all__ = [
     "MODES", "OBJECTIVES", "NO_GENSIM", "PAD_SENTENCE", "AnalogyScore", "EncodedCorpus",
-    "PairScore", "Scores", "SegmentBatch", "TrainConfig", "TrainResult", "TrainState",
-    "Vocab", "Word2VecParams", "analogy", "build_vocab", "cbow_hidden", "cbow_negative_loss",
-    "cbow_softmax_loss", "encode", "evaluate", "evaluate_analogies", "evaluate_pairs",
-    "format_scores", "gensim_test_data", "init_params", "keep_probabilities", "load_vectors",
-    "make_chunk_fn", "make_optimizer", "most_similar", "negative_cdf", "pair_mask",
-    "pairs_from_batch", "prepare", "sample_negatives", "sample_windows", "save_binary",
-    "save_text", "skipgram_negative_loss", "skipgram_softmax_loss", "spearman", "subsample",
+    "PairScore", "Plan", "Prepared", "Scores", "SegmentBatch", "TrainConfig", "TrainResult",
+    "TrainState", "UsageError", "Vocab", "Word2VecParams", "analogy", "build_vocab",
+    "cbow_hidden", "cbow_negative_grads", "cbow_negative_loss", "cbow_softmax_loss", "encode",
+    "evaluate", "evaluate_analogies", "evaluate_pairs", "format_scores", "gensim_test_data",
+    "init_params", "keep_probabilities", "load_vectors", "make_chunk_fn", "make_optimizer",
+    "most_similar", "negative_cdf", "pair_mask", "pairs_from_batch", "plan", "prepare",
+    "sample_negatives", "sample_windows", "save_binary", "save_text", "skipgram_negative_grads",
+    "skipgram_negative_loss", "skipgram_softmax_loss", "spearman", "step_loss", "subsample",
     "tokenize", "train", "train_step",
 ]
 
@@ -154,7 +162,8 @@ class TrainResult(NamedTuple):
     seconds: float                # training wall time, compilation included
     words_per_s: float            # raw_words * epochs trained / seconds
     epochs_done: float            # fraction of the requested epochs completed
-    interrupted: Optional[int]    # the signal that stopped training early, or None
+    interrupted: Optional[int]    # signal number that stopped training early (0: should_stop),
+                                  # None when every epoch ran
 
 
 class _StopSignals:
