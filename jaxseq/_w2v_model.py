@@ -57,11 +57,11 @@ class TrainConfig:
     epochs: int = _field(5, "passes over the corpus")
     lr: Optional[float] = _field(None, "initial learning rate, decayed linearly to 1e-4 of it "
                                  "(default: 0.025 skip-gram, 0.05 cbow)")
-    batch: int = _field(256, "centre words per step (rounded down to whole segments)")
+    batch: int = _field(512, "centre words per step (rounded down to whole segments)")
     segment: int = _field(16, "consecutive centre words per segment of a batch")
     shared_negatives: int = _field(16, "negatives M drawn per group of segments, shared by "
                                    "all the group's pairs and weighted K/M")
-    negative_groups: int = _field(8, "groups of segments per step, each with its own shared "
+    negative_groups: int = _field(16, "groups of segments per step, each with its own shared "
                                   "negatives (more groups: less weight on each negative row)")
     dup_limit: float = _field(1.6, "caps lr * (pair contributions a row sums in one step); "
                               "past it the row gets that many times their mean (keeps large "

@@ -41,8 +41,8 @@ built around products:
 * **Duplicates.** Rows that occur several times in a step receive the sum of their pairs'
   updates, computed from the same (stale) values: n contributions at rate lr act like
   one step of size n * lr, and when they agree (a small vocabulary, a huge batch) that
-  overshoots and diverges. Ordinary steps are kept moderate (256 centres, about 1,400
-  pairs, eight negative groups) so this is close to sequential SGD; past n * lr =
+  overshoots and diverges. Ordinary steps are kept moderate (512 centres, about 2,800
+  pairs, 16 negative groups) so this is close to sequential SGD; past n * lr =
   ``dup_limit`` a row's update is scaled down to ``dup_limit / lr`` times the mean of
   its contributions, which leaves ordinary steps alone and keeps large batches finite
   (though a batch that is huge next to the vocabulary still learns poorly: keep it moderate).
