@@ -1,27 +1,32 @@
-"""Fused recurrent kernels: time loops with a hand-written backward pass.
+"""Fused recurrent layers: time loops with a hand-written backward pass.
 
 Differentiating ``lax.scan`` over a cell step makes JAX accumulate the recurrent weight
 gradient inside the reverse loop: two small matmuls per step (``dz @ W_hh^T`` and
-``h_{t-1}^T dz``) plus a running sum. The kernels here are ``jax.custom_vjp`` scans that do
-what cuDNN does instead:
+``h_{t-1}^T dz``) plus a running sum. A fused layer is one ``jax.custom_vjp`` over the
+whole of ``unroll`` (input projection included) that does what cuDNN does instead:
 
-* the forward scan saves what the backward needs (the gate activations), so the backward
-  recomputes no transcendental functions from pre-activations;
-* the backward scan keeps only ``dz_t @ W_hh^T`` and elementwise work inside the loop and
-  stacks the pre-activation gradients ``dz_t``;
-* after the loop, ``dW_hh = sum_t h_{t-1}^T dz_t`` is ONE large matmul over the stacked
-  ``(T*B, H) x (T*B, G*H)``, and ``dz`` itself is the gradient of the hoisted input
-  projection, whose own backward (``dxs``, ``dW_ih``) is also one large matmul each.
+* the input projection ``xs @ W_ih`` is one ``(T*B, F) x (F, G*H)`` matmul; the bias is
+  added inside the loop, fused with the gate arithmetic;
+* the forward loop saves what the backward needs (the gate activations, and the cell
+  state for an LSTM), so the backward recomputes no sigmoid from pre-activations;
+* the backward loop keeps only ``dz_t @ W_hh^T`` and elementwise work and stacks the
+  pre-activation gradients ``dz_t``;
+* after the loop ``dW_hh = sum_t h_{t-1}^T dz_t``, ``dW_ih = sum_t x_t^T dz_t`` and
+  ``dxs = dz @ W_ih^T`` are ONE large matmul each, and ``db`` one matrix-vector product.
 
-``unroll`` calls ``fused_unroll``, which recognises the built-in cells (vanilla RNN with
-tanh or relu, LSTM, GRU in both conventions) by checking each kernel's step against the
-cell's own ``step`` on a random probe, and returns ``None`` (plain ``lax.scan``) for
-anything else: custom cells, a carry whose dtype differs from the inputs', or when the
-kernels are switched off with ``use_fused(False)``.
+``unroll`` calls ``fused_unroll``, which recognises jaxseq's own cells (vanilla RNN with
+tanh or relu, LSTM, GRU in both conventions; see ``builtin_kind``) and returns ``None``,
+meaning plain ``lax.scan``, for anything else: other cells, ``seq_lengths`` masking (handled
+by ``unroll`` before it gets here), a carry whose dtype differs from the inputs', or when the
+layers are switched off with ``use_fused(False)``.
 
-The kernels support reverse-mode differentiation to any order (the backward pass is plain
-JAX); forward-mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a ``custom_vjp``, so
-code that needs it runs under ``with jaxseq.use_fused(False):``.
+Mixed precision works as in the plain path: the layer computes in the dtype of ``xs`` (the
+parameters are cast to it, and their gradients flow back through the cast); the weight
+gradient matmuls accumulate in float32.
+
+The layers support reverse-mode differentiation to any order (their backward pass is plain
+JAX); forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a ``custom_vjp``, so code
+that needs it runs under ``with use_fused(False):``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import contextlib
 import functools
 import math
 import threading
-import weakref
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -449,16 +453,15 @@ _gru_cho_layer.defvjp(_gru_cho_layer_fwd, _gru_cho_layer_bwd)
 
 
 class _Kernel(NamedTuple):
-    """How one recurrence maps onto a fused layer.
+    """How one built-in recurrence maps onto a fused layer.
 
     ``step(params, carry, x)`` is one step computed by the kernel's own cell function (the
-    one its loops use), checked against the cell's ``project`` and ``step``;
+    one its loops use); the tests check it against the cell's ``step(project(x))``.
     ``run(params, carry, xs, reverse)`` is the fused unroll over ``xs: (T, B, F)``.
     Both take params already cast to the compute dtype.
     """
 
     name: str
-    matches: Callable[[Cell, Params], bool]
     step: Callable[[Params, Carry, Array], Carry]
     run: Callable[[Params, Carry, Array, bool], tuple[Carry, Array]]
 
@@ -471,7 +474,6 @@ def _one(p, x: Array) -> Array:
 def _rnn_kernel(act: str) -> _Kernel:
     return _Kernel(
         name=f"rnn_{act}",
-        matches=lambda cell, p: cell.name == "rnn" and cell.num_gates == 1,
         step=lambda p, h, x: _rnn_cell(act, p.w_hh, p.b, h, _one(p, x)),
         run=lambda p, h, xs, rev: _rnn_layer(act, rev, p.w_ih, p.b, p.w_hh, h, xs),
     )
@@ -482,70 +484,74 @@ def _lstm_run(p, carry, xs, rev):
     return LSTMState(h=h, c=c), ys
 
 
-_KERNELS = (
-    _rnn_kernel("tanh"),
-    _rnn_kernel("relu"),
-    _Kernel(
-        name="lstm",
-        matches=lambda cell, p: cell.name == "lstm" and cell.num_gates == 4,
-        step=lambda p, s, x: LSTMState(*_lstm_cell(p.w_hh, p.b, s.h, s.c, _one(p, x))[:2]),
-        run=_lstm_run,
-    ),
-    _Kernel(
-        name="gru",
-        matches=lambda cell, p: (cell.name == "gru" and cell.num_gates == 3
-                                 and getattr(p, "b_hn", None) is not None),
-        step=lambda p, h, x: _gru_cell(p.w_hh, p.b, p.b_hn, h, _one(p, x))[0],
-        run=lambda p, h, xs, rev: _gru_layer(rev, p.w_ih, p.b, p.w_hh, p.b_hn, h, xs),
-    ),
-    _Kernel(
-        name="gru_cho",
-        matches=lambda cell, p: (cell.name == "gru" and cell.num_gates == 3
-                                 and hasattr(p, "b_hn") and p.b_hn is None),
-        step=lambda p, h, x: _gru_cho_cell(p.w_hh, p.b, h, _one(p, x))[0],
-        run=lambda p, h, xs, rev: _gru_cho_layer(rev, p.w_ih, p.b, p.w_hh, h, xs),
-    ),
-)
-
-# cell.step -> {params/carry structure: kernel or None}; weak so that cells can be collected.
-_recognised: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
+KERNELS = {
+    k.name: k for k in (
+        _rnn_kernel("tanh"),
+        _rnn_kernel("relu"),
+        _Kernel(
+            name="lstm",
+            step=lambda p, s, x: LSTMState(*_lstm_cell(p.w_hh, p.b, s.h, s.c, _one(p, x))[:2]),
+            run=_lstm_run,
+        ),
+        _Kernel(
+            name="gru",
+            step=lambda p, h, x: _gru_cell(p.w_hh, p.b, p.b_hn, h, _one(p, x))[0],
+            run=lambda p, h, xs, rev: _gru_layer(rev, p.w_ih, p.b, p.w_hh, p.b_hn, h, xs),
+        ),
+        _Kernel(
+            name="gru_cho",
+            step=lambda p, h, x: _gru_cho_cell(p.w_hh, p.b, h, _one(p, x))[0],
+            run=lambda p, h, xs, rev: _gru_cho_layer(rev, p.w_ih, p.b, p.w_hh, h, xs),
+        ),
+    )
+}
 
 
-def _probe_matches(kernel: _Kernel, cell: Cell, params: Params, carry: Carry) -> bool:
-    """Runs the kernel's step and the cell's ``step(project(x))`` on random float32 inputs
-    (non-zero biases included); equal results mean the kernel computes the cell's maths."""
+def builtin_kind(cell: Cell, params: Params) -> Optional[str]:
+    """The name of the kernel for one of jaxseq's own cells, or ``None`` for any other cell.
+
+    A cell is recognised by its code, at no cost at trace time: its ``step`` and
+    ``project`` must be the functions that ``jaxseq.rnn/lstm/gru`` build (a cell with a
+    replaced ``step`` or ``project``, or one written elsewhere, is not recognised and runs
+    as a plain scan). The vanilla RNN's activation is read from the step's closure and the
+    GRU convention from whether the step reads ``b_hn``; ``tests/test_fused.py`` checks
+    every kernel against the cell it stands for.
+    """
+    step, project = cell.step, cell.project
+    if (getattr(step, "__module__", None) != "jaxseq._cells"
+            or getattr(project, "__module__", None) != "jaxseq._cells"
+            or getattr(project, "__qualname__", None) != "_project"):
+        return None
+    name = getattr(step, "__qualname__", "")
+    code = step.__code__
+    closure = dict(zip(code.co_freevars, (c.cell_contents for c in step.__closure__ or ())))
+    if name == "rnn.<locals>.step" and cell.name == "rnn":
+        act = closure.get("act")
+        return "rnn_tanh" if act is jnp.tanh else "rnn_relu" if act is jax.nn.relu else None
+    if name == "lstm.<locals>.step" and cell.name == "lstm":
+        return "lstm"
+    if name == "gru.<locals>.step" and cell.name == "gru":
+        reset_after = "b_hn" in code.co_names
+        if reset_after != (getattr(params, "b_hn", None) is not None):
+            return None
+        return "gru" if reset_after else "gru_cho"
+    return None
+
+
+def probe_matches(kernel: _Kernel, cell: Cell, params: Params, carry: Carry) -> bool:
+    """Whether ``kernel.step`` and the cell's ``step(project(x))`` agree on random float32
+    inputs (non-zero biases included): the check behind ``builtin_kind`` in the tests."""
     rng = np.random.default_rng(0)
     batch, H = 3, cell.hidden_size
     draw = lambda shape: jnp.asarray(rng.normal(0.0, 0.7, shape).astype(np.float32))
-    with jax.ensure_compile_time_eval():
-        p = jax.tree.map(lambda a: draw(a.shape), params)
-        c = jax.tree.map(lambda a: draw((batch, H)), carry)
-        try:
-            x = draw((batch, p.w_ih.shape[0]))
-            want, _ = cell.step(p, c, cell.project(p, x))
-            got = kernel.step(p, c, x)
-        except Exception:  # a different structure: not this kernel's recurrence
-            return False
-        if jax.tree.structure(want) != jax.tree.structure(got):
-            return False
-        return all(a.shape == b.shape and np.allclose(np.asarray(a), np.asarray(b),
-                                                       rtol=1e-4, atol=1e-5)
-                   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
-
-
-def _kernel_for(cell: Cell, params: Params, carry: Carry) -> Optional[_Kernel]:
-    structure = (jax.tree.structure(params),
-                 tuple(tuple(a.shape) for a in jax.tree.leaves(params)),
-                 jax.tree.structure(carry))
-    try:
-        cache = _recognised.setdefault(cell.step, {})
-    except TypeError:  # not weak-referenceable: decide every time
-        cache = {}
-    if structure not in cache:
-        cache[structure] = next(
-            (k for k in _KERNELS if k.matches(cell, params) and
-             _probe_matches(k, cell, params, carry)), None)
-    return cache[structure]
+    p = jax.tree.map(lambda a: draw(a.shape), params)
+    c = jax.tree.map(lambda a: draw((batch, H)), carry)
+    x = draw((batch, p.w_ih.shape[0]))
+    want, _ = cell.step(p, c, cell.project(p, x))
+    got = kernel.step(p, c, x)
+    return jax.tree.structure(want) == jax.tree.structure(got) and all(
+        a.shape == b.shape and np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
 
 
 def fused_unroll(
@@ -577,9 +583,10 @@ def fused_unroll(
         return None
     if params.w_ih.ndim != 2 or params.w_ih.shape[0] != xs.shape[-1]:
         return None
-    kernel = _kernel_for(cell, params, carry)
-    if kernel is None:
+    kind = builtin_kind(cell, params)
+    if kind is None:
         return None
+    kernel = KERNELS[kind]
     T, B = xs.shape[0], math.prod(batch)
     cast = jax.tree.map(lambda a: a.astype(xs.dtype), params)
     flat_carry = jax.tree.map(lambda l: l.reshape(B, H), carry)
