@@ -263,12 +263,13 @@ def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
                 *(jax.ShapeDtypeStruct((steps, per_step, n), jnp.int32)
                   for n in (width, width, config.segment, config.segment, config.segment)),
                 jax.ShapeDtypeStruct((steps, groups, config.shared_negatives), jnp.int32))
-            run_chunk = make_chunk_fn(config, optimizer).lower(state, shapes).compile()
+            run_chunk = make_chunk_fn(config, optimizer, with_loss=progress).lower(
+                state, shapes).compile()
             for chunk in producer:
                 if signals.received is not None or (should_stop is not None and should_stop()):
                     break
                 state, loss = run_chunk(state, chunk.batch)
-                if pending is not None:  # the previous call has finished by now
+                if pending is not None and pending[0] is not None:  # that call is done by now
                     bar.set_postfix(epoch=pending[1] + 1, loss=f"{float(pending[0]):.3f}")
                 pending = (loss, chunk.epoch)
                 done_words += chunk.raw_words
