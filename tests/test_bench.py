@@ -1,0 +1,119 @@
+"""The benchmarks run at tiny sizes and print well-formed JSON lines (no timing asserted)."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from experiments import bench, bench_charlm
+
+TINY = ["--hidden", "16", "--batch", "4", "--seq", "8", "--steps", "2", "--warmup", "1",
+        "--json", "--no-progress"]
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+TRAIN_KEYS = {"impl", "cell", "hidden", "chars_per_s", "compile_s", "peak_rss_mb", "vs_torch",
+              "vs_flax"}
+
+
+def json_lines(text):
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines, "no output"
+    return [json.loads(line) for line in lines]  # every line must be JSON
+
+
+def test_charlm_in_process_every_implementation(capsys):
+    impls = ["jaxseq", "flax"] + (["torch"] if HAS_TORCH else [])
+    assert bench.main(["charlm", *TINY, "--cell", "rnn", "--hidden", "8", "16", "--layers", "1",
+                       "--in-process", "--impl", *impls]) == 0
+    records = json_lines(capsys.readouterr().out)
+    assert [(r["hidden"], r["impl"]) for r in records] == [(h, i) for h in (8, 16) for i in impls]
+    for r in records:
+        assert TRAIN_KEYS <= r.keys()
+        assert r["cell"] == "rnn" and r["chars_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert len(r["step_s"]) == 2
+        assert (r["compile_s"] is None) == (r["impl"] == "torch")
+        flax = next(x for x in records if x["hidden"] == r["hidden"] and x["impl"] == "flax")
+        assert math.isclose(r["vs_flax"], r["chars_per_s"] / flax["chars_per_s"])
+        if HAS_TORCH:
+            torch = next(x for x in records if x["hidden"] == r["hidden"] and x["impl"] == "torch")
+            assert math.isclose(r["vs_torch"], r["chars_per_s"] / torch["chars_per_s"])
+
+
+def test_charlm_worker_processes_report_their_own_rss(capsys):
+    impls = ["jaxseq"] + (["torch"] if HAS_TORCH else [])
+    assert bench.main(["charlm", *TINY, "--cell", "lstm", "--impl", *impls]) == 0
+    captured = capsys.readouterr()
+    records = json_lines(captured.out)
+    assert [r["impl"] for r in records] == impls
+    assert all(r["rss_mode"] == "worker" and r["peak_rss_mb"] > 50 for r in records)
+    assert "chars/s" in captured.err  # the table goes to stderr with --json
+
+
+def test_charlm_bfloat16_table(capsys):
+    args = ["charlm", "--hidden", "16", "--batch", "4", "--seq", "8", "--steps", "2",
+            "--cell", "gru", "--impl", "jaxseq-scan", "jaxseq", "--in-process", "--dtype",
+            "bfloat16", "--layers", "1", "--no-progress"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16" in out and "jaxseq" in out and "chars/s" in out
+
+
+def test_sample_and_compile(capsys):
+    impls = ["jaxseq", "jax-loop"] + (["torch"] if HAS_TORCH else [])
+    assert bench.main(["sample", "--hidden", "16", "--length", "20", "--batch", "3",
+                       "--layers", "1", "--repeats", "2", "--cell", "gru", "--json",
+                       "--impl", *impls]) == 0
+    records = json_lines(capsys.readouterr().out)
+    assert [r["impl"] for r in records] == impls
+    assert all(r["chars_per_s"] > 0 and r["length"] == 20 and r["batch"] == 3 for r in records)
+    assert bench.main(["compile", "--hidden", "8", "--batch", "2", "--seq", "4", "8",
+                       "--layers", "1", "--cell", "rnn", "--impl", "jaxseq", "--json"]) == 0
+    records = json_lines(capsys.readouterr().out)
+    assert [(r["impl"], r["seq"]) for r in records] == [("jaxseq", 4), ("jaxseq", 8)]
+    assert all(r["compile_s"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("argv", [
+    ["charlm", "--hidden", "0"],
+    ["charlm", "--impl", "keras"],
+    ["charlm", "--steps", "0"],
+    ["sample", "--batch", "0"],
+    ["charlm", "--cell", "transformer"],
+    ["nonsense"],
+])
+def test_bad_input_is_one_line_and_exit_2(argv, capsys):
+    try:
+        code = bench.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_command_line_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "charlm", "--impl", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown --impl x")
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["charlm", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--cell", "--hidden", "--impl", "--batch", "--seq", "--steps", "--warmup",
+                 "--dtype", "--xla-flags", "--jaxseq-xla-flags", "--in-process", "--json"):
+        assert flag in text
+    assert bench.main([]) == 2 and "charlm" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("experiments.bench_word2vec") is None,
+                    reason="experiments/bench_word2vec.py not written yet")
+def test_word2vec_is_delegated(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["word2vec", "--help"])
+    assert exit_info.value.code == 0
+    assert "--" in capsys.readouterr().out
