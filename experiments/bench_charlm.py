@@ -136,10 +136,23 @@ def _build_flax(spec: dict):
     return run_step, compile_s
 
 
+def _jax_device() -> str:
+    import jax
+    d = jax.devices()[0]
+    return d.platform if d.platform == "cpu" else f"{d.platform}:{d.device_kind}"
+
+
+def _torch_device(choice: str) -> str:
+    import torch
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
 def _torch_model(spec: dict):
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)  # the two cores of the reference machine; moot on a GPU
     torch.manual_seed(spec["seed"])
     rnn_cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[spec["cell"]]
     H = spec["hidden"]
@@ -155,15 +168,16 @@ def _torch_model(spec: dict):
             ys, state = self.rnn(self.embed(tokens), state)
             return self.decode(ys), state
 
-    return TorchCharLM()
+    return TorchCharLM().to(_torch_device(spec.get("torch_device", "auto")))
 
 
 def _build_torch(spec: dict):
     import torch
 
     model = _torch_model(spec)
+    device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    inputs, targets = (torch.from_numpy(a).long() for a in _tokens(spec))
+    inputs, targets = (torch.from_numpy(a).long().to(device) for a in _tokens(spec))
 
     def run_step():
         optimizer.zero_grad(set_to_none=True)
@@ -172,8 +186,16 @@ def _build_torch(spec: dict):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     return run_step, None  # eager: nothing to compile
+
+
+def train_device(spec: dict) -> str:
+    """Where ``spec['impl']`` runs: ``cpu``, or ``gpu:<kind>`` / ``cuda``."""
+    return _torch_device(spec.get("torch_device", "auto")) if spec["impl"] == "torch" \
+        else _jax_device()
 
 
 def build_train_step(spec: dict) -> tuple[Callable[[], None], Optional[float]]:
@@ -213,7 +235,7 @@ def worker_main(spec_json: str) -> int:
     for _ in range(max(0, spec["warmup"] - 1)):
         run_step()
     _say({"ready": True, "compile_s": compile_s, "first_step_s": first_step_s,
-          "rss_before_build_mb": import_rss})
+          "rss_before_build_mb": import_rss, "device": train_device(spec)})
     for line in sys.stdin:
         command = line.split()
         if not command:
@@ -287,7 +309,8 @@ class _InProcess:
         for _ in range(max(0, spec["warmup"] - 1)):
             run_step()
         self._run = run_step
-        self.ready = {"compile_s": compile_s, "first_step_s": first}
+        self.ready = {"compile_s": compile_s, "first_step_s": first,
+                      "device": train_device(spec)}
 
     def steps(self, n: int) -> list[float]:
         times = []
@@ -335,6 +358,8 @@ class TrainBenchConfig:
                            "environment's)")
     jaxseq_xla_flags: str = _flag("", "if set, also run 'jaxseq+flags': jaxseq with these "
                                   "extra XLA_FLAGS, interleaved with the rest")
+    torch_device: str = _flag("auto", "device of the PyTorch implementation (auto: cuda when "
+                              "available)", choices=("auto", "cpu", "cuda"))
     in_process: bool = _flag(False, "run every implementation in this process instead of one "
                              "worker each (faster to start; peak RSS is then this process's)")
     seed: int = _flag(0, "seed of the weights and the random tokens")
@@ -372,6 +397,8 @@ class SampleBenchConfig:
     length: int = _flag(2000, "characters generated per sample")
     repeats: int = _flag(5, "timed repetitions per implementation (median reported)")
     seed: int = _flag(0, "seed")
+    torch_device: str = _flag("auto", "device of the PyTorch loop (auto: cuda when available)",
+                              choices=("auto", "cpu", "cuda"))
     json: bool = _flag(False, "print one JSON line per measurement on stdout (the table "
                        "then goes to stderr)")
 
@@ -519,7 +546,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str], bar):
     base = dict(cell=cell, hidden=hidden, layers=config.layers, batch=config.batch,
-                seq=config.seq, dtype=config.dtype, seed=config.seed, warmup=config.warmup)
+                seq=config.seq, dtype=config.dtype, seed=config.seed, warmup=config.warmup,
+                torch_device=config.torch_device)
     workers: dict[str, Any] = {}
     ready: dict[str, dict] = {}
     try:
@@ -564,6 +592,7 @@ def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str
             "first_step_s": ready[impl].get("first_step_s"),
             "peak_rss_mb": rss[impl],
             "rss_mode": "process" if config.in_process else "worker",
+            "device": ready[impl].get("device"),
             "xla_flags": (config.xla_flags + (" " + config.jaxseq_xla_flags
                                               if impl == "jaxseq+flags" else "")).strip()
             if impl != "torch" else None,
@@ -613,19 +642,20 @@ def _sample_fns(config: SampleBenchConfig, cell: str, hidden: int, batch: int, i
         import torch
 
         net = _torch_model(dict(cell=cell, hidden=hidden, layers=config.layers,
-                                seed=config.seed)).eval()
-        gen = torch.Generator().manual_seed(config.seed)
+                                seed=config.seed, torch_device=config.torch_device)).eval()
+        device = next(net.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(config.seed)
 
         def run_torch():
             with torch.no_grad():
-                token = torch.zeros((1, batch), dtype=torch.long)
+                token = torch.zeros((1, batch), dtype=torch.long, device=device)
                 state, out = None, []
                 for _ in range(L):
                     logits, state = net(token, state)
                     probs = torch.softmax(logits[0], dim=-1)
                     token = torch.multinomial(probs, 1, generator=gen).T
                     out.append(token)
-                torch.cat(out)
+                torch.cat(out).cpu()
 
         fns["torch"] = run_torch
     return {k: fns[k] for k in impls}
@@ -674,6 +704,8 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
                        "chars_per_s": speed[impl], "run_s_median": med, "run_s": times[impl],
                        "first_run_s": first[impl],
                        "vs_torch": speed[impl] / speed["torch"] if "torch" in speed else None,
+                       "device": (_torch_device(config.torch_device) if impl == "torch"
+                                  else _jax_device()),
                        "load_1min": _machine().get("load_1min")}
                 records.append(rec)
                 rows.append([cell, hidden, batch, impl, f"{speed[impl]:,.0f}",
