@@ -8,6 +8,12 @@ Writes ``OUT/vectors.txt`` and ``OUT/vectors.bin`` (header ``vocab_size dim``; b
 with gensim's ``KeyedVectors.load_word2vec_format``) and ``OUT/run.json``. SIGINT/SIGTERM
 stop training between device calls; the vectors trained so far are still written and the
 exit code is 130/143.
+
+``--devices N`` shards each step's segments over N devices (default: all of them) with the
+tables replicated; the vectors do not depend on N beyond float summation order. With
+``--coordinator/--num-processes/--process-id`` several processes train together; every
+process reads the corpus and builds the same batches, and only process 0 writes files and
+prints results.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import signal
 import sys
 from typing import Sequence
 
+import jax
+
 from experiments import _cli
-from jaxseq import word2vec
+from jaxseq import parallel, word2vec
 from jaxseq.data import load_corpus
 from jaxseq.errors import UsageError
 
@@ -48,6 +56,7 @@ def _parser():
                         "accuracy (data files from gensim's package)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
+    _cli.add_parallel_flags(p)
     _cli.add_dataclass_flags(p, word2vec.TrainConfig)
     return p
 
@@ -75,8 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.validate()
     if args.topn <= 0:
         raise UsageError(f"--topn must be positive, got {args.topn}")
+    _cli.start_parallel(args)
+    main_process = parallel.is_main_process()
     out = pathlib.Path(args.out or f"{DEFAULT_OUT}-{config.mode}")
-    _check_out(out, args.overwrite)
+    if main_process:
+        _check_out(out, args.overwrite)
 
     sentences = word2vec.tokenize(load_corpus(args.corpus))
     prepared = word2vec.prepare(sentences, config)
@@ -86,16 +98,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if w.lower() not in known:
             raise UsageError(f"word {w!r} is not in the vocabulary ({len(words)} words "
                              f"with --min-count {config.min_count}; words are lower-cased)")
-    print(f"corpus: {prepared.corpus.raw_words:,} words, vocabulary {len(words):,} "
-          f"(min count {config.min_count})", file=sys.stderr)
+    if main_process:
+        print(f"corpus: {prepared.corpus.raw_words:,} words, vocabulary {len(words):,} "
+              f"(min count {config.min_count})", file=sys.stderr)
 
-    result = word2vec.train(prepared, config, progress=args.progress, handle_signals=True)
+    result = word2vec.train(prepared, config, progress=args.progress, handle_signals=True,
+                            devices=args.devices)
+    if not main_process:
+        return 128 + result.interrupted if result.interrupted else 0
     out.mkdir(parents=True, exist_ok=True)
     word2vec.save_text(out / "vectors.txt", words, result.vectors)
     word2vec.save_binary(out / "vectors.bin", words, result.vectors)
     record = {"config": {k: getattr(config, k) for k in config.__dataclass_fields__},
               "corpus": str(args.corpus) if args.corpus else "tinyshakespeare",
-              "corpus_words": result.raw_words, "vocab_size": len(words),
+              "corpus_words": result.raw_words, "devices": args.devices or jax.device_count(), "vocab_size": len(words),
               "seconds": result.seconds, "words_per_s": result.words_per_s,
               "epochs_done": result.epochs_done * config.epochs,
               "interrupted": signal.Signals(result.interrupted).name

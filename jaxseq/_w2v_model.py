@@ -295,7 +295,8 @@ def step_loss(config: TrainConfig, params: Word2VecParams, batch: SegmentBatch) 
 
 
 def train_step(config: TrainConfig, optimizer: optax.GradientTransformation,
-               state: TrainState, batch: SegmentBatch) -> TrainState:
+               state: TrainState, batch: SegmentBatch,
+               gather_updates: Optional[Any] = None) -> TrainState:
     """One sparse SGD step: gather rows, take the loss gradient w.r.t. them, scatter back.
 
     Only the rows a step touches are read and written: the gradient w.r.t. the gathered
@@ -309,10 +310,20 @@ def train_step(config: TrainConfig, optimizer: optax.GradientTransformation,
       optimizer: from ``make_optimizer``.
       state: parameters and optimizer state (its step count drives the schedule).
       batch: one step's ``SegmentBatch`` (B segments).
+      gather_updates: data-parallel runs only: a replicated ``NamedSharding`` to which the
+        scattered ids and update rows are constrained, so that each device all-gathers the
+        (few) update rows and scatters them into its own copy of the tables, instead of
+        XLA all-reducing a whole (V, D) table of partial updates per step.
 
     Returns:
       The new state.
     """
+    def scatter_add(table, rows, updates):
+        if gather_updates is not None:
+            rows = jax.lax.with_sharding_constraint(rows, gather_updates)
+            updates = jax.lax.with_sharding_constraint(updates, gather_updates)
+        return table.at[rows].add(updates, mode="promise_in_bounds")
+
     params, opt_state = state
     w_in, w_out = params
     vocab_size, dim = w_in.shape
@@ -341,7 +352,7 @@ def train_step(config: TrainConfig, optimizer: optax.GradientTransformation,
                 in_rows, batch.out_ids, w_out, mask)
         g_in = g_in.reshape(-1, dim) * in_scale[:, None]
         (u_in, u_out), opt_state = optimizer.update((g_in, g_out), opt_state)
-        w_in = w_in.at[in_ids].add(u_in, mode="promise_in_bounds")
+        w_in = scatter_add(w_in, in_ids, u_in)
         return TrainState(Word2VecParams(w_in, w_out + u_out), opt_state)
 
     out_ids = batch.out_ids.reshape(-1)
@@ -364,24 +375,34 @@ def train_step(config: TrainConfig, optimizer: optax.GradientTransformation,
     g_in = g_in.reshape(-1, dim) * in_scale[:, None]
     g_out = jnp.concatenate([g_out.reshape(-1, dim), g_neg.reshape(-1, dim)]) * out_scale[:, None]
     (u_in, u_out), opt_state = optimizer.update((g_in, g_out), opt_state)
-    w_in = w_in.at[in_ids].add(u_in, mode="promise_in_bounds")
-    w_out = w_out.at[rows_out].add(u_out, mode="promise_in_bounds")
+    w_in = scatter_add(w_in, in_ids, u_in)
+    w_out = scatter_add(w_out, rows_out, u_out)
     return TrainState(Word2VecParams(w_in, w_out), opt_state)
 
 
 def make_chunk_fn(config: TrainConfig, optimizer: optax.GradientTransformation, *,
-                  with_loss: bool = True):
+                  with_loss: bool = True, state_sharding: Any = None,
+                  gather_updates: bool = True):
     """Jitted ``(state, stacked batches) -> (state, loss)``: a ``lax.scan`` of train steps.
 
     The loss is ``step_loss`` of the first batch, after the updates (cheaper than every
     step's loss, which the update itself does not need; the first batch is the one never
     made of filler segments). ``with_loss=False`` returns None instead and compiles about
     a third faster (for runs without a progress display).
-    """
-    def step(state, batch):
-        return train_step(config, optimizer, state, batch), None
 
-    @functools.partial(jax.jit, donate_argnums=0)
+    ``state_sharding`` (a pytree of shardings like the state, on a data-parallel mesh) keeps
+    the state's layout from call to call; the batches arrive sharded along their segment
+    axis and XLA inserts the collectives. ``gather_updates`` then picks how the sparse
+    updates reach the replicated tables (see ``train_step``); it is ignored without a mesh.
+    """
+    gather = None
+    if state_sharding is not None and gather_updates:
+        mesh = jax.tree.leaves(state_sharding)[0].mesh
+        gather = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def step(state, batch):
+        return train_step(config, optimizer, state, batch, gather), None
+
     def run_chunk(state: TrainState, batches: SegmentBatch):
         state, _ = jax.lax.scan(step, state, batches)
         if not with_loss:
@@ -389,4 +410,9 @@ def make_chunk_fn(config: TrainConfig, optimizer: optax.GradientTransformation, 
         first = jax.tree.map(lambda x: x[0], batches)
         return state, step_loss(config, state.params, first)
 
-    return run_chunk
+    if state_sharding is None:
+        return jax.jit(run_chunk, donate_argnums=0)
+    mesh = jax.tree.leaves(state_sharding)[0].mesh
+    loss_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(run_chunk, donate_argnums=0,
+                   out_shardings=(state_sharding, loss_sharding if with_loss else None))

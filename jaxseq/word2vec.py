@@ -120,6 +120,7 @@ from jaxseq._w2v_model import (
     step_loss,
     train_step,
 )
+from jaxseq import parallel
 from jaxseq.errors import UsageError
 
 __all__ = [
@@ -216,7 +217,8 @@ def plan(prepared: Prepared, config: TrainConfig) -> Plan:
 def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
           progress: bool = True, handle_signals: bool = False,
           should_stop: Callable[[], bool] | None = None,
-          log: Callable[[str], None] | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = None, devices: Optional[int] = None,
+          gather_updates: bool = True) -> TrainResult:
     """Trains word vectors.
 
     Args:
@@ -227,20 +229,61 @@ def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
         the signal in ``TrainResult.interrupted``, keeping the vectors trained so far.
       should_stop: polled between device calls; True stops training early.
       log: where to write one-line messages (default: stderr).
+      devices: shard each step's segments over this many devices (default: every device,
+        across processes after ``parallel.initialize_distributed``); the tables are
+        replicated and the global batch does not depend on the device count, so neither do
+        the vectors (up to float summation order). One device runs the plain jitted step.
+      gather_updates: with several devices, all-gather each step's update rows and scatter
+        them into every copy of the tables (True), or let XLA all-reduce whole tables of
+        partial updates (False; slower, kept for comparison).
 
     Returns:
       A ``TrainResult``; a seed gives the same vectors every run.
+
+    Raises:
+      UsageError: bad config, too many devices, or a step whose segments do not divide
+        evenly over the devices.
     """
     prepared = sentences if isinstance(sentences, Prepared) else prepare(sentences, config)
     config.validate()
     vocab, corpus = prepared.vocab, prepared.corpus
     log = log or (lambda msg: print(msg, file=sys.stderr))
     per_step, groups, steps, total_steps = plan(prepared, config)
+    mesh = _mesh(devices, per_step, config)
+    if not parallel.is_main_process():
+        progress, log = False, (lambda msg: None)
     rng = np.random.default_rng(config.seed)
     key = jax.random.key(config.seed)
     params = init_params(key, len(vocab), config.dim)
     optimizer = make_optimizer(config, total_steps)
     state = TrainState(params, optimizer.init(params))
+    width = config.segment + 2 * config.window
+    shapes = SegmentBatch(
+        *(jax.ShapeDtypeStruct((steps, per_step, n), jnp.int32)
+          for n in (width, width, config.segment, config.segment, config.segment)),
+        jax.ShapeDtypeStruct((steps, groups, config.shared_negatives), jnp.int32))
+    if mesh is None:
+        state_sharding, put_batch = None, (lambda batch: batch)
+    else:
+        state = parallel.replicate(mesh, state)
+        state_sharding = jax.tree.map(lambda x: x.sharding, state)
+        # Negative groups follow the segments when they split evenly; otherwise the (small)
+        # negative-id array is replicated.
+        neg_axis = 1 if groups % mesh.size == 0 else None
+
+        def put_batch(batch: SegmentBatch) -> SegmentBatch:
+            return SegmentBatch(
+                *(parallel.shard_batch(mesh, x, axis=1) for x in batch[:-1]),
+                parallel.shard_batch(mesh, batch.neg_ids, axis=1) if neg_axis
+                else parallel.replicate(mesh, batch.neg_ids))
+
+        shardings = SegmentBatch(
+            *(parallel.batch_sharding(mesh, 3, 1) for _ in range(5)),
+            parallel.batch_sharding(mesh, 3, 1) if neg_axis else parallel.replicated(mesh))
+        shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              shapes, shardings)
+        log(f"word2vec: {parallel.describe(mesh)}, {per_step // mesh.size} of {per_step} "
+            f"segments per step on each device")
 
     def make_epoch(epoch: int):
         return epoch_chunks(corpus, prepared.keep, prepared.cdf, window=config.window,
@@ -258,17 +301,14 @@ def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
                    dynamic_ncols=True, file=sys.stderr, desc=f"word2vec {config.mode}")
         try:
             # Compile while the producer builds the first batches.
-            width = config.segment + 2 * config.window
-            shapes = SegmentBatch(
-                *(jax.ShapeDtypeStruct((steps, per_step, n), jnp.int32)
-                  for n in (width, width, config.segment, config.segment, config.segment)),
-                jax.ShapeDtypeStruct((steps, groups, config.shared_negatives), jnp.int32))
-            run_chunk = make_chunk_fn(config, optimizer, with_loss=progress).lower(
+            run_chunk = make_chunk_fn(config, optimizer, with_loss=progress,
+                                      state_sharding=state_sharding,
+                                      gather_updates=gather_updates).lower(
                 state, shapes).compile()
             for chunk in producer:
                 if signals.received is not None or (should_stop is not None and should_stop()):
                     break
-                state, loss = run_chunk(state, chunk.batch)
+                state, loss = run_chunk(state, put_batch(chunk.batch))
                 if pending is not None and pending[0] is not None:  # that call is done by now
                     bar.set_postfix(epoch=pending[1] + 1, loss=f"{float(pending[0]):.3f}")
                 pending = (loss, chunk.epoch)
@@ -281,12 +321,32 @@ def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
         if done_words < total_words * (1 - 1e-9):
             interrupted = signals.received if signals.received is not None else 0
     seconds = time.perf_counter() - start
-    if not bool(jnp.all(jnp.isfinite(state.params.w_in))):
+    params = state.params if mesh is None else parallel.to_local(state.params)
+    if not bool(jnp.all(jnp.isfinite(params.w_in))):
         log("warning: training produced non-finite vectors; try a lower --lr or --batch")
-    vectors = np.asarray(state.params.w_in)
-    return TrainResult(vocab, state.params, vectors, corpus.raw_words, seconds,
+    vectors = np.asarray(params.w_in)
+    return TrainResult(vocab, params, vectors, corpus.raw_words, seconds,
                        done_words / max(seconds, 1e-9), done_words / max(total_words, 1),
                        interrupted)
+
+
+def _mesh(devices: Optional[int], per_step: int, config: TrainConfig):
+    """The data-parallel mesh for ``devices`` (None: all), or None for one device."""
+    if devices is not None and devices < 1:
+        raise UsageError(f"--devices must be positive, got {devices}")
+    single = devices == 1 or (devices is None and len(jax.devices()) == 1)
+    if single and jax.process_count() == 1:
+        return None  # the plain jitted step, no sharding machinery at all
+    mesh = parallel.data_mesh(devices)  # raises UsageError for too many devices
+    if mesh.size == 1:
+        return None
+    if per_step % mesh.size:
+        reduced = per_step < config.segments_per_step
+        raise UsageError(
+            f"a step's {per_step} segments (--batch {config.batch} / --segment "
+            f"{config.segment}{', reduced to fit this small corpus' if reduced else ''}) "
+            f"must divide evenly over {mesh.size} devices; change --batch or --devices")
+    return mesh
 
 
 def most_similar(words: Sequence[str], vectors: np.ndarray, query: str | Sequence[str], *,
