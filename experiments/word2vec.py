@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.topn <= 0:
         raise UsageError(f"--topn must be positive, got {args.topn}")
     _cli.start_parallel(args)
+    if args.devices is not None and args.devices > 1:
+        parallel.data_mesh(args.devices)  # too many devices: fail before reading the corpus
     main_process = parallel.is_main_process()
     out = pathlib.Path(args.out or f"{DEFAULT_OUT}-{config.mode}")
     if main_process:
