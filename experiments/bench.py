@@ -35,4 +35,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from experiments import _cli
+    sys.exit(_cli.run_main(main))
