@@ -351,6 +351,9 @@ class TrainBenchConfig:
     seq: int = _flag(128, "characters per sequence")
     steps: int = _flag(7, "timed steps per implementation (the median is reported)")
     warmup: int = _flag(2, "untimed steps after compiling")
+    gap: float = _flag(0.3, "seconds of idle time before each timed step, so that the thread "
+                       "pools of the implementation that ran before (OpenMP, Eigen) stop "
+                       "spinning before the next one is timed")
     dtype: str = _flag("float32", "compute dtype of the JAX implementations (bfloat16: mixed "
                        "precision with float32 parameters; PyTorch stays float32)",
                        choices=("float32", "bfloat16"))
@@ -372,8 +375,8 @@ class TrainBenchConfig:
         for name in ("layers", "batch", "seq", "steps"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.warmup < 0 or self.gap < 0:
+            raise UsageError(f"--warmup and --gap must be >= 0, got {self.warmup}, {self.gap}")
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise UsageError(f"--hidden must be positive integers, got {list(self.hidden)}")
         bad = [i for i in self.impl if i not in TRAIN_IMPLS]
@@ -567,6 +570,7 @@ def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str
             order = impls[round_ % len(impls):] + impls[:round_ % len(impls)]
             bar.set_description(f"{cell} H={hidden}: timing")
             for impl in order:
+                time.sleep(config.gap)
                 times[impl].extend(workers[impl].steps(1))
                 bar.update(1)
         load = _machine().get("load_1min")

@@ -148,6 +148,11 @@ def _dot(a: Array, b: Array) -> Array:
     return jnp.dot(a, b, preferred_element_type=a.dtype)
 
 
+def _dot_wt(dz: Array, w: Array) -> Array:
+    """``dz @ w^T`` for the backward loops: ``dz: (B, G*H)``, ``w: (H, G*H)`` -> ``(B, H)``."""
+    return jax.lax.dot_general(dz, w, (((1,), (1,)), ((), ())), preferred_element_type=dz.dtype)
+
+
 def _project(xs: Array, w_ih: Array) -> Array:
     """``(T, B, F) @ (F, G*H) -> (T, B, G*H)`` as one 2-D matmul (no bias)."""
     T, B, F = xs.shape
@@ -218,14 +223,13 @@ def _rnn_layer_fwd(act, reverse, w_ih, b, w_hh, h0, xs):
 def _rnn_layer_bwd(act, reverse, res, cts):
     w_ih, w_hh, h0, xs, ys = res
     dhT, dys = cts
-    w_hh_t = w_hh.T
 
     def body(t, dh_next, olds):
         (dy,) = olds
         dh = dy + dh_next
         y = _at(ys, t)
         dz = dh * (1.0 - y * y) if act == "tanh" else jnp.where(y > 0, dh, 0.0).astype(dh.dtype)
-        return _dot(dz, w_hh_t), (dz,)  # dz_t overwrites dy_t
+        return _dot_wt(dz, w_hh), (dz,)  # dz_t overwrites dy_t
 
     dh0, (dzs,) = _rewrite_loop(xs.shape[0], not reverse, body, dhT, (dys,))
     dw_hh = _weight_grad(_shift(ys, h0, reverse), dzs, w_hh.dtype)
@@ -239,9 +243,21 @@ _rnn_layer.defvjp(_rnn_layer_fwd, _rnn_layer_bwd)
 # ----------------------------------------------------------------------------- LSTM
 
 
+def _lstm_acts(pre: Array) -> list[Array]:
+    """The four gates from ``pre: (B, 4H)``: sigmoid for i, f, o and tanh for g.
+
+    One elementwise pass over the contiguous ``(B, 4H)`` array, using
+    ``sigmoid(x) = (1 + tanh(x / 2)) / 2``, is faster on XLA:CPU than four passes over
+    column slices.
+    """
+    H = pre.shape[-1] // 4
+    half = jnp.full((H,), 0.5, pre.dtype)
+    scale = jnp.concatenate([half, half, jnp.ones((H,), pre.dtype), half])
+    return _blocks(scale * jnp.tanh(scale * pre) + (1.0 - scale), 4)
+
+
 def _lstm_cell(w_hh, b, h, c, zx):
-    i, f, g, o = _blocks(zx + b + _dot(h, w_hh), 4)
-    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    i, f, g, o = _lstm_acts(zx + b + _dot(h, w_hh))
     c = f * c + i * g
     h = o * jnp.tanh(c)
     return h, c, (i, f, g, o)
@@ -280,7 +296,6 @@ def _lstm_layer_fwd(reverse, w_ih, b, w_hh, h0, c0, xs):
 def _lstm_layer_bwd(reverse, res, cts):
     w_ih, w_hh, h0, c0, xs, ys, cs, acts = res
     (dhT, dcT), dys = cts
-    w_hh_t = w_hh.T
 
     def body(t, carry, olds):
         dh_next, dc_next = carry
@@ -295,7 +310,7 @@ def _lstm_layer_bwd(reverse, res, cts):
             dc * i * (1.0 - g * g),
             dh * tc * o * (1.0 - o),
         ], axis=-1)
-        return (_dot(dz, w_hh_t), dc * f), (dz,)  # dz_t overwrites the activations
+        return (_dot_wt(dz, w_hh), dc * f), (dz,)  # dz_t overwrites the activations
 
     (dh0, dc0), (dzs,) = _rewrite_loop(xs.shape[0], not reverse, body, (dhT, dcT), (acts,))
     dw_hh = _weight_grad(_shift(ys, h0, reverse), dzs, w_hh.dtype)
@@ -353,7 +368,6 @@ def _gru_layer_bwd(reverse, res, cts):
     w_ih, w_hh, h0, xs, ys, acts, hns = res
     dhT, dys = cts
     H = h0.shape[-1]
-    w_hh_t = w_hh.T
 
     def body(t, dh_next, olds):
         r, u, n = _blocks(olds[0], 3)
@@ -363,7 +377,7 @@ def _gru_layer_bwd(reverse, res, cts):
         dr = dn * hn * r * (1.0 - r)
         du = dh * (h_prev - n) * u * (1.0 - u)
         dhn = dn * r
-        dh_prev = dh * u + _dot(jnp.concatenate([dr, du, dhn], axis=-1), w_hh_t)
+        dh_prev = dh * u + _dot_wt(jnp.concatenate([dr, du, dhn], axis=-1), w_hh)
         # dz_t (input side) overwrites the activations, d(h W_hn)_t overwrites hn_t.
         return dh_prev, (jnp.concatenate([dr, du, dn], axis=-1), dhn)
 
@@ -423,18 +437,18 @@ def _gru_cho_layer_bwd(reverse, res, cts):
     w_ih, w_hh, h0, xs, ys, acts = res
     dhT, dys = cts
     H = h0.shape[-1]
-    w_rz_t, w_n_t = w_hh[:, :2 * H].T, w_hh[:, 2 * H:].T
+    w_rz, w_n = w_hh[:, :2 * H], w_hh[:, 2 * H:]
 
     def body(t, dh_next, olds):
         r, u, cand = _blocks(olds[0], 3)
         h_prev = _prev(ys, t, h0, reverse)
         dh = _at(dys, t) + dh_next
         dn = dh * u * (1.0 - cand * cand)
-        drh = _dot(dn, w_n_t)
+        drh = _dot_wt(dn, w_n)
         dr = drh * h_prev * r * (1.0 - r)
         du = dh * (cand - h_prev) * u * (1.0 - u)
         drz = jnp.concatenate([dr, du], axis=-1)
-        dh_prev = dh * (1.0 - u) + drh * r + _dot(drz, w_rz_t)
+        dh_prev = dh * (1.0 - u) + drh * r + _dot_wt(drz, w_rz)
         # dz_t overwrites the activations; r_t * h_{t-1} (for dW_n) overwrites dy_t.
         return dh_prev, (jnp.concatenate([drz, dn], axis=-1), r * h_prev)
 
