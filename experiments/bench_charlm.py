@@ -152,7 +152,9 @@ def _torch_device(choice: str) -> str:
 def _torch_model(spec: dict):
     import torch
 
-    torch.set_num_threads(2)  # the two cores of the reference machine; moot on a GPU
+    # The two cores of the reference machine (or the cores this process is pinned to by
+    # --cores); moot on a GPU.
+    torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
     torch.manual_seed(spec["seed"])
     rnn_cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[spec["cell"]]
     H = spec["hidden"]
@@ -227,6 +229,8 @@ def worker_main(spec_json: str) -> int:
     ``quit`` answers ``{"peak_rss_mb": ...}`` and exits.
     """
     spec = json.loads(spec_json)
+    if spec.get("cores"):
+        os.sched_setaffinity(0, spec["cores"])  # before JAX or PyTorch size their thread pools
     import_rss = _peak_rss_mb()
     run_step, compile_s = build_train_step(spec)
     start = time.perf_counter()
@@ -363,6 +367,10 @@ class TrainBenchConfig:
                                   "extra XLA_FLAGS, interleaved with the rest")
     torch_device: str = _flag("auto", "device of the PyTorch implementation (auto: cuda when "
                               "available)", choices=("auto", "cpu", "cuda"))
+    cores: tuple[int, ...] = _flag((), "pin every worker to these CPU cores (e.g. --cores 1: "
+                                   "single-threaded, which on a loaded machine compares the "
+                                   "implementations' work rather than their thread "
+                                   "synchronisation); default: no pinning", metavar="CORE")
     in_process: bool = _flag(False, "run every implementation in this process instead of one "
                              "worker each (faster to start; peak RSS is then this process's)")
     seed: int = _flag(0, "seed of the weights and the random tokens")
@@ -383,6 +391,10 @@ class TrainBenchConfig:
         if bad or not self.impl:
             raise UsageError(f"unknown --impl {', '.join(bad) or '(none)'}; choose from "
                              f"{', '.join(TRAIN_IMPLS)}")
+        usable = os.sched_getaffinity(0)
+        if any(c not in usable for c in self.cores):
+            raise UsageError(f"--cores {list(self.cores)}: this process may use cores "
+                             f"{sorted(usable)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -515,8 +527,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         impls.remove("torch")
     if config.jaxseq_xla_flags:
         impls.append("jaxseq+flags")
-    if config.in_process and (config.xla_flags or config.jaxseq_xla_flags):
-        raise UsageError("--xla-flags and --jaxseq-xla-flags need worker processes "
+    if config.in_process and (config.xla_flags or config.jaxseq_xla_flags or config.cores):
+        raise UsageError("--xla-flags, --jaxseq-xla-flags and --cores need worker processes "
                          "(drop --in-process)")
     groups = [(c, h) for h in config.hidden for c in _cells(config.cell)]
     out = sys.stderr if config.json else sys.stdout
@@ -540,8 +552,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     _emit_table(
         f"char-LM training, {config.layers} layers, batch {config.batch}, seq {config.seq}, "
         f"{config.dtype}, median of {config.steps} interleaved steps "
-        f"({machine['cpu']}, {machine['cpus']} CPUs, load {machine.get('load_1min', '?')} "
-        f"before the last group)",
+        f"({machine['cpu']}, {machine['cpus']} CPUs"
+        + (f", workers pinned to cores {list(config.cores)}" if config.cores else "")
+        + f", load {machine.get('load_1min', '?')} before the last group)",
         ["cell", "H", "impl", "chars/s", "vs torch", "vs flax", "compile s", "peak RSS MB"],
         rows, out)
     return 0
@@ -550,7 +563,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str], bar):
     base = dict(cell=cell, hidden=hidden, layers=config.layers, batch=config.batch,
                 seq=config.seq, dtype=config.dtype, seed=config.seed, warmup=config.warmup,
-                torch_device=config.torch_device)
+                torch_device=config.torch_device, cores=list(config.cores))
     workers: dict[str, Any] = {}
     ready: dict[str, dict] = {}
     try:
@@ -596,6 +609,7 @@ def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str
             "first_step_s": ready[impl].get("first_step_s"),
             "peak_rss_mb": rss[impl],
             "rss_mode": "process" if config.in_process else "worker",
+            "cores": list(config.cores) or None,
             "device": ready[impl].get("device"),
             "xla_flags": (config.xla_flags + (" " + config.jaxseq_xla_flags
                                               if impl == "jaxseq+flags" else "")).strip()
