@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 VOCAB = 65  # Tiny Shakespeare's character set
 CELLS = ("rnn", "lstm", "gru")
-TRAIN_IMPLS = ("jaxseq", "jaxseq-scan", "flax", "torch")
+TRAIN_IMPLS = ("jaxseq", "jaxseq-table", "jaxseq-scan", "flax", "torch")
 SAMPLE_IMPLS = ("jaxseq", "jax-loop", "torch")
 _MARK = "@@bench "  # prefix of the worker's protocol lines on stdout
 
@@ -62,7 +62,36 @@ def _tokens(spec: dict):
             rng.integers(0, VOCAB, shape).astype(np.int32))
 
 
-def _build_jaxseq(spec: dict, fused: bool = True):
+def _table_model(model):
+    """``model`` whose first layer reads the embedding through ``unroll_embedded``.
+
+    The same parameters and the same function as ``model`` (no dropout): the embedding
+    followed by the first layer's input projection becomes a lookup in their product.
+    """
+    import jax
+    import jax.numpy as jnp
+    import jaxseq
+    from jaxseq._fused import unroll_embedded
+
+    net, dtype = model.network, model.compute_dtype
+    if model.input_mode != "embedding" or net.bidirectional:
+        raise ValueError("the table path needs a unidirectional model with an embedding")
+
+    def apply(params, carry, tokens, *, dropout_key=None):
+        rnn = jax.tree.map(lambda p: p.astype(dtype), params.rnn)
+        first, hs = unroll_embedded(net.cell, rnn[0], carry[0], params.embed.astype(dtype),
+                                    tokens)
+        new_carry = [first]
+        for layer in range(1, net.num_layers):
+            c, hs = jaxseq.unroll(net.cell, rnn[layer], carry[layer], hs)
+            new_carry.append(c)
+        logits = hs @ params.w_out.astype(dtype) + params.b_out.astype(dtype)
+        return tuple(new_carry), logits.astype(jnp.float32)
+
+    return model._replace(apply=apply)
+
+
+def _build_jaxseq(spec: dict, fused: bool = True, table: bool = False):
     import jax
     from jaxseq import charrnn
     from jaxseq._fused import use_fused
@@ -72,6 +101,8 @@ def _build_jaxseq(spec: dict, fused: bool = True):
         batch=spec["batch"], seq=spec["seq"], lr=2e-3, schedule="constant", warmup=0,
         clip=5.0, dtype=spec["dtype"], seed=spec["seed"])
     model = charrnn.build_model(config, VOCAB)
+    if table:
+        model = _table_model(model)
     optimizer = charrnn.make_optimizer(config)
     state = charrnn.init_state(config, model, optimizer)
     inputs, targets = _tokens(spec)
@@ -205,6 +236,8 @@ def build_train_step(spec: dict) -> tuple[Callable[[], None], Optional[float]]:
     impl = spec["impl"]
     if impl == "jaxseq":
         return _build_jaxseq(spec, fused=True)
+    if impl == "jaxseq-table":
+        return _build_jaxseq(spec, table=True)
     if impl == "jaxseq-scan":
         return _build_jaxseq(spec, fused=False)
     if impl == "flax":
@@ -347,9 +380,10 @@ class TrainBenchConfig:
     hidden: tuple[int, ...] = _flag((256, 512), "hidden sizes H (embedding width = H)")
     impl: tuple[str, ...] = _flag(
         ("jaxseq", "flax", "torch"),
-        f"implementations, from {', '.join(TRAIN_IMPLS)} (jaxseq-scan: jaxseq with the fused "
-        f"kernels off, plain lax.scan autodiff); torch is skipped with a note when PyTorch "
-        f"is not installed")
+        f"implementations, from {', '.join(TRAIN_IMPLS)} (jaxseq-table: jaxseq with the "
+        f"embedding and the first layer's input projection fused into a table lookup; "
+        f"jaxseq-scan: jaxseq with the fused layers off, plain lax.scan autodiff); torch is "
+        f"skipped with a note when PyTorch is not installed")
     layers: int = _flag(2, "recurrent layers")
     batch: int = _flag(64, "sequences per batch")
     seq: int = _flag(128, "characters per sequence")

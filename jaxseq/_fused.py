@@ -172,18 +172,37 @@ def _weight_grad(hs: Array, dzs: Array, dtype) -> Array:
     return dw.astype(dtype)
 
 
-def _input_grads(xs: Array, w_ih: Array, dzs: Array) -> tuple[Array, Array, Array]:
-    """``(dxs, dW_ih, db)`` of ``zs = xs @ W_ih + b`` given ``dzs``: two matmuls, one sum."""
-    T, B, F = xs.shape
-    d2 = dzs.reshape(T * B, -1)
-    dxs = jax.lax.dot_general(d2, w_ih, (((1,), (1,)), ((), ())),
-                              preferred_element_type=xs.dtype).reshape(xs.shape)
-    dw_ih = _weight_grad(xs, dzs, w_ih.dtype)
-    # A matrix-vector product: XLA:CPU may lower the equivalent reduction to a slow
-    # reduce-window over the (T*B, G*H) gradient.
+def _bias_grad(dzs: Array, dtype) -> Array:
+    """``sum_t,b dzs`` as a matrix-vector product (XLA:CPU may lower the equivalent
+    reduction to a slow reduce-window over the ``(T*B, G*H)`` gradient)."""
+    d2 = dzs.reshape(-1, dzs.shape[-1])
     ones = jnp.ones((d2.shape[0],), d2.dtype)
-    db = jnp.dot(ones, d2, preferred_element_type=_acc_dtype(d2.dtype)).astype(w_ih.dtype)
-    return dxs, dw_ih, db
+    return jnp.dot(ones, d2, preferred_element_type=_acc_dtype(d2.dtype)).astype(dtype)
+
+
+@jax.custom_vjp
+def _projection(xs: Array, w_ih: Array) -> Array:
+    """``xs @ W_ih`` for ``xs: (T, B, F)``, with a backward pass of two plain 2-D matmuls.
+
+    Autodiff of the same product contracts over two axes and lets XLA:CPU transpose the
+    large ``dzs`` before a slow matmul; here ``dW_ih`` contracts over the leading axis.
+    """
+    return _project(xs, w_ih)
+
+
+def _projection_fwd(xs, w_ih):
+    return _project(xs, w_ih), (xs, w_ih)
+
+
+def _projection_bwd(res, dzs):
+    xs, w_ih = res
+    T, B, F = xs.shape
+    dxs = jax.lax.dot_general(dzs.reshape(T * B, -1), w_ih, (((1,), (1,)), ((), ())),
+                              preferred_element_type=xs.dtype).reshape(xs.shape)
+    return dxs, _weight_grad(xs, dzs, w_ih.dtype)
+
+
+_projection.defvjp(_projection_fwd, _projection_bwd)
 
 
 def _blocks(a: Array, n: int) -> list[Array]:
@@ -199,29 +218,28 @@ def _rnn_cell(act: str, w_hh, b, h, zx):
     return jnp.tanh(pre) if act == "tanh" else jax.nn.relu(pre)
 
 
-def _rnn_forward(act, reverse, w_ih, b, w_hh, h0, xs):
-    zs = _project(xs, w_ih)
+def _rnn_forward(act, reverse, b, w_hh, h0, zs):
 
     def body(t, state):
         h, buf = state
         h = _rnn_cell(act, w_hh, b, h, _at(buf, t))
         return h, _put(buf, h, t)  # the outputs overwrite the pre-activations
 
-    return _time_loop(xs.shape[0], reverse, body, (h0, zs))
+    return _time_loop(zs.shape[0], reverse, body, (h0, zs))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _rnn_layer(act, reverse, w_ih, b, w_hh, h0, xs):
-    return _rnn_forward(act, reverse, w_ih, b, w_hh, h0, xs)
+def _rnn_core(act, reverse, b, w_hh, h0, zs):
+    return _rnn_forward(act, reverse, b, w_hh, h0, zs)
 
 
-def _rnn_layer_fwd(act, reverse, w_ih, b, w_hh, h0, xs):
-    hT, ys = _rnn_forward(act, reverse, w_ih, b, w_hh, h0, xs)
-    return (hT, ys), (w_ih, w_hh, h0, xs, ys)
+def _rnn_core_fwd(act, reverse, b, w_hh, h0, zs):
+    hT, ys = _rnn_forward(act, reverse, b, w_hh, h0, zs)
+    return (hT, ys), (w_hh, h0, ys)
 
 
-def _rnn_layer_bwd(act, reverse, res, cts):
-    w_ih, w_hh, h0, xs, ys = res
+def _rnn_core_bwd(act, reverse, res, cts):
+    w_hh, h0, ys = res
     dhT, dys = cts
 
     def body(t, dh_next, olds):
@@ -231,13 +249,12 @@ def _rnn_layer_bwd(act, reverse, res, cts):
         dz = dh * (1.0 - y * y) if act == "tanh" else jnp.where(y > 0, dh, 0.0).astype(dh.dtype)
         return _dot_wt(dz, w_hh), (dz,)  # dz_t overwrites dy_t
 
-    dh0, (dzs,) = _rewrite_loop(xs.shape[0], not reverse, body, dhT, (dys,))
+    dh0, (dzs,) = _rewrite_loop(ys.shape[0], not reverse, body, dhT, (dys,))
     dw_hh = _weight_grad(_shift(ys, h0, reverse), dzs, w_hh.dtype)
-    dxs, dw_ih, db = _input_grads(xs, w_ih, dzs)
-    return dw_ih, db, dw_hh, dh0, dxs
+    return _bias_grad(dzs, w_hh.dtype), dw_hh, dh0, dzs
 
 
-_rnn_layer.defvjp(_rnn_layer_fwd, _rnn_layer_bwd)
+_rnn_core.defvjp(_rnn_core_fwd, _rnn_core_bwd)
 
 
 # ----------------------------------------------------------------------------- LSTM
@@ -263,9 +280,8 @@ def _lstm_cell(w_hh, b, h, c, zx):
     return h, c, (i, f, g, o)
 
 
-def _lstm_forward(reverse, w_ih, b, w_hh, h0, c0, xs, save: bool):
-    T, B, _ = xs.shape
-    zs = _project(xs, w_ih)
+def _lstm_forward(reverse, b, w_hh, h0, c0, zs, save: bool):
+    T, B, _ = zs.shape
     ys = jnp.zeros((T, B, h0.shape[-1]), h0.dtype)
     cs = jnp.zeros_like(ys) if save else None
 
@@ -283,18 +299,18 @@ def _lstm_forward(reverse, w_ih, b, w_hh, h0, c0, xs, save: bool):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lstm_layer(reverse, w_ih, b, w_hh, h0, c0, xs):
-    carry, ys, _, _ = _lstm_forward(reverse, w_ih, b, w_hh, h0, c0, xs, save=False)
+def _lstm_core(reverse, b, w_hh, h0, c0, zs):
+    carry, ys, _, _ = _lstm_forward(reverse, b, w_hh, h0, c0, zs, save=False)
     return carry, ys
 
 
-def _lstm_layer_fwd(reverse, w_ih, b, w_hh, h0, c0, xs):
-    carry, ys, acts, cs = _lstm_forward(reverse, w_ih, b, w_hh, h0, c0, xs, save=True)
-    return (carry, ys), (w_ih, w_hh, h0, c0, xs, ys, cs, acts)
+def _lstm_core_fwd(reverse, b, w_hh, h0, c0, zs):
+    carry, ys, acts, cs = _lstm_forward(reverse, b, w_hh, h0, c0, zs, save=True)
+    return (carry, ys), (w_hh, h0, c0, ys, cs, acts)
 
 
-def _lstm_layer_bwd(reverse, res, cts):
-    w_ih, w_hh, h0, c0, xs, ys, cs, acts = res
+def _lstm_core_bwd(reverse, res, cts):
+    w_hh, h0, c0, ys, cs, acts = res
     (dhT, dcT), dys = cts
 
     def body(t, carry, olds):
@@ -312,13 +328,12 @@ def _lstm_layer_bwd(reverse, res, cts):
         ], axis=-1)
         return (_dot_wt(dz, w_hh), dc * f), (dz,)  # dz_t overwrites the activations
 
-    (dh0, dc0), (dzs,) = _rewrite_loop(xs.shape[0], not reverse, body, (dhT, dcT), (acts,))
+    (dh0, dc0), (dzs,) = _rewrite_loop(ys.shape[0], not reverse, body, (dhT, dcT), (acts,))
     dw_hh = _weight_grad(_shift(ys, h0, reverse), dzs, w_hh.dtype)
-    dxs, dw_ih, db = _input_grads(xs, w_ih, dzs)
-    return dw_ih, db, dw_hh, dh0, dc0, dxs
+    return _bias_grad(dzs, w_hh.dtype), dw_hh, dh0, dc0, dzs
 
 
-_lstm_layer.defvjp(_lstm_layer_fwd, _lstm_layer_bwd)
+_lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
 
 
 # ----------------------------------------------------------------------------- GRU, reset after
@@ -334,9 +349,8 @@ def _gru_cell(w_hh, b, b_hn, h, zx):
     return n + u * (h - n), (r, u, n, hn)
 
 
-def _gru_forward(reverse, w_ih, b, w_hh, b_hn, h0, xs, save: bool):
-    T, B, _ = xs.shape
-    zs = _project(xs, w_ih)
+def _gru_forward(reverse, b, w_hh, b_hn, h0, zs, save: bool):
+    T, B, _ = zs.shape
     ys = jnp.zeros((T, B, h0.shape[-1]), h0.dtype)
     hns = jnp.zeros_like(ys) if save else None
 
@@ -354,18 +368,18 @@ def _gru_forward(reverse, w_ih, b, w_hh, b_hn, h0, xs, save: bool):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gru_layer(reverse, w_ih, b, w_hh, b_hn, h0, xs):
-    h, ys, _, _ = _gru_forward(reverse, w_ih, b, w_hh, b_hn, h0, xs, save=False)
+def _gru_core(reverse, b, w_hh, b_hn, h0, zs):
+    h, ys, _, _ = _gru_forward(reverse, b, w_hh, b_hn, h0, zs, save=False)
     return h, ys
 
 
-def _gru_layer_fwd(reverse, w_ih, b, w_hh, b_hn, h0, xs):
-    h, ys, acts, hns = _gru_forward(reverse, w_ih, b, w_hh, b_hn, h0, xs, save=True)
-    return (h, ys), (w_ih, w_hh, h0, xs, ys, acts, hns)
+def _gru_core_fwd(reverse, b, w_hh, b_hn, h0, zs):
+    h, ys, acts, hns = _gru_forward(reverse, b, w_hh, b_hn, h0, zs, save=True)
+    return (h, ys), (w_hh, h0, ys, acts, hns)
 
 
-def _gru_layer_bwd(reverse, res, cts):
-    w_ih, w_hh, h0, xs, ys, acts, hns = res
+def _gru_core_bwd(reverse, res, cts):
+    w_hh, h0, ys, acts, hns = res
     dhT, dys = cts
     H = h0.shape[-1]
 
@@ -381,16 +395,15 @@ def _gru_layer_bwd(reverse, res, cts):
         # dz_t (input side) overwrites the activations, d(h W_hn)_t overwrites hn_t.
         return dh_prev, (jnp.concatenate([dr, du, dn], axis=-1), dhn)
 
-    dh0, (dzs, dhns) = _rewrite_loop(xs.shape[0], not reverse, body, dhT, (acts, hns))
+    dh0, (dzs, dhns) = _rewrite_loop(ys.shape[0], not reverse, body, dhT, (acts, hns))
     h_prev = _shift(ys, h0, reverse)
     dw_hh = jnp.concatenate([_weight_grad(h_prev, dzs[..., :2 * H], w_hh.dtype),
                              _weight_grad(h_prev, dhns, w_hh.dtype)], axis=1)
     db_hn = jnp.sum(dhns, axis=(0, 1), dtype=_acc_dtype(dhns.dtype)).astype(w_hh.dtype)
-    dxs, dw_ih, db = _input_grads(xs, w_ih, dzs)
-    return dw_ih, db, dw_hh, db_hn, dh0, dxs
+    return _bias_grad(dzs, w_hh.dtype), dw_hh, db_hn, dh0, dzs
 
 
-_gru_layer.defvjp(_gru_layer_fwd, _gru_layer_bwd)
+_gru_core.defvjp(_gru_core_fwd, _gru_core_bwd)
 
 
 # ----------------------------------------------------------------------------- GRU, Cho et al.
@@ -406,9 +419,8 @@ def _gru_cho_cell(w_hh, b, h, zx):
     return h + u * (cand - h), (r, u, cand)
 
 
-def _gru_cho_forward(reverse, w_ih, b, w_hh, h0, xs, save: bool):
-    T, B, _ = xs.shape
-    zs = _project(xs, w_ih)
+def _gru_cho_forward(reverse, b, w_hh, h0, zs, save: bool):
+    T, B, _ = zs.shape
     ys = jnp.zeros((T, B, h0.shape[-1]), h0.dtype)
 
     def body(t, state):
@@ -423,18 +435,18 @@ def _gru_cho_forward(reverse, w_ih, b, w_hh, h0, xs, save: bool):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gru_cho_layer(reverse, w_ih, b, w_hh, h0, xs):
-    h, ys, _ = _gru_cho_forward(reverse, w_ih, b, w_hh, h0, xs, save=False)
+def _gru_cho_core(reverse, b, w_hh, h0, zs):
+    h, ys, _ = _gru_cho_forward(reverse, b, w_hh, h0, zs, save=False)
     return h, ys
 
 
-def _gru_cho_layer_fwd(reverse, w_ih, b, w_hh, h0, xs):
-    h, ys, acts = _gru_cho_forward(reverse, w_ih, b, w_hh, h0, xs, save=True)
-    return (h, ys), (w_ih, w_hh, h0, xs, ys, acts)
+def _gru_cho_core_fwd(reverse, b, w_hh, h0, zs):
+    h, ys, acts = _gru_cho_forward(reverse, b, w_hh, h0, zs, save=True)
+    return (h, ys), (w_hh, h0, ys, acts)
 
 
-def _gru_cho_layer_bwd(reverse, res, cts):
-    w_ih, w_hh, h0, xs, ys, acts = res
+def _gru_cho_core_bwd(reverse, res, cts):
+    w_hh, h0, ys, acts = res
     dhT, dys = cts
     H = h0.shape[-1]
     w_rz, w_n = w_hh[:, :2 * H], w_hh[:, 2 * H:]
@@ -452,15 +464,14 @@ def _gru_cho_layer_bwd(reverse, res, cts):
         # dz_t overwrites the activations; r_t * h_{t-1} (for dW_n) overwrites dy_t.
         return dh_prev, (jnp.concatenate([drz, dn], axis=-1), r * h_prev)
 
-    dh0, (dzs, rhs) = _rewrite_loop(xs.shape[0], not reverse, body, dhT, (acts, dys))
+    dh0, (dzs, rhs) = _rewrite_loop(ys.shape[0], not reverse, body, dhT, (acts, dys))
     dw_hh = jnp.concatenate([
         _weight_grad(_shift(ys, h0, reverse), dzs[..., :2 * H], w_hh.dtype),
         _weight_grad(rhs, dzs[..., 2 * H:], w_hh.dtype)], axis=1)
-    dxs, dw_ih, db = _input_grads(xs, w_ih, dzs)
-    return dw_ih, db, dw_hh, dh0, dxs
+    return _bias_grad(dzs, w_hh.dtype), dw_hh, dh0, dzs
 
 
-_gru_cho_layer.defvjp(_gru_cho_layer_fwd, _gru_cho_layer_bwd)
+_gru_cho_core.defvjp(_gru_cho_core_fwd, _gru_cho_core_bwd)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -471,8 +482,8 @@ class _Kernel(NamedTuple):
 
     ``step(params, carry, x)`` is one step computed by the kernel's own cell function (the
     one its loops use); the tests check it against the cell's ``step(project(x))``.
-    ``run(params, carry, xs, reverse)`` is the fused unroll over ``xs: (T, B, F)``.
-    Both take params already cast to the compute dtype.
+    ``run(params, carry, zs, reverse)`` is the fused loop over the bias-free projected inputs
+    ``zs: (T, B, G*H)``. Both take params already cast to the compute dtype.
     """
 
     name: str
@@ -481,7 +492,7 @@ class _Kernel(NamedTuple):
 
 
 def _one(p, x: Array) -> Array:
-    """The bias-free projection of a single step ``x: (B, F)``, as the loops compute it."""
+    """The bias-free projection of a single step ``x: (B, F)``, as the layers compute it."""
     return _project(x[None], p.w_ih)[0]
 
 
@@ -489,12 +500,12 @@ def _rnn_kernel(act: str) -> _Kernel:
     return _Kernel(
         name=f"rnn_{act}",
         step=lambda p, h, x: _rnn_cell(act, p.w_hh, p.b, h, _one(p, x)),
-        run=lambda p, h, xs, rev: _rnn_layer(act, rev, p.w_ih, p.b, p.w_hh, h, xs),
+        run=lambda p, h, zs, rev: _rnn_core(act, rev, p.b, p.w_hh, h, zs),
     )
 
 
-def _lstm_run(p, carry, xs, rev):
-    (h, c), ys = _lstm_layer(rev, p.w_ih, p.b, p.w_hh, carry.h, carry.c, xs)
+def _lstm_run(p, carry, zs, rev):
+    (h, c), ys = _lstm_core(rev, p.b, p.w_hh, carry.h, carry.c, zs)
     return LSTMState(h=h, c=c), ys
 
 
@@ -510,12 +521,12 @@ KERNELS = {
         _Kernel(
             name="gru",
             step=lambda p, h, x: _gru_cell(p.w_hh, p.b, p.b_hn, h, _one(p, x))[0],
-            run=lambda p, h, xs, rev: _gru_layer(rev, p.w_ih, p.b, p.w_hh, p.b_hn, h, xs),
+            run=lambda p, h, zs, rev: _gru_core(rev, p.b, p.w_hh, p.b_hn, h, zs),
         ),
         _Kernel(
             name="gru_cho",
             step=lambda p, h, x: _gru_cho_cell(p.w_hh, p.b, h, _one(p, x))[0],
-            run=lambda p, h, xs, rev: _gru_cho_layer(rev, p.w_ih, p.b, p.w_hh, h, xs),
+            run=lambda p, h, zs, rev: _gru_cho_core(rev, p.b, p.w_hh, h, zs),
         ),
     )
 }
@@ -568,42 +579,98 @@ def probe_matches(kernel: _Kernel, cell: Cell, params: Params, carry: Carry) -> 
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
 
 
+def _applicable(cell: Cell, params: Params, carry: Carry, dtype, batch: tuple, in_size: int):
+    """The kernel for this call, or ``None`` when the plain scan must run."""
+    if not fused_enabled() or not jnp.issubdtype(dtype, jnp.floating):
+        return None
+    leaves = jax.tree.leaves(carry)
+    H = cell.hidden_size
+    if not leaves or any(l.dtype != dtype or tuple(l.shape) != (*batch, H) for l in leaves):
+        return None
+    if math.prod(batch) == 0 or not hasattr(params, "w_ih") or not hasattr(params, "w_hh"):
+        return None
+    if params.w_ih.ndim != 2 or params.w_ih.shape[0] != in_size:
+        return None
+    kind = builtin_kind(cell, params)
+    return None if kind is None else KERNELS[kind]
+
+
+def _run(kernel, cell, params, carry, zs_of, T, batch, dtype, reverse):
+    B, H = math.prod(batch), cell.hidden_size
+    cast = jax.tree.map(lambda a: a.astype(dtype), params)
+    flat_carry = jax.tree.map(lambda l: l.reshape(B, H), carry)
+    new_carry, ys = kernel.run(cast, flat_carry, zs_of(cast, B), reverse)
+    new_carry = jax.tree.map(lambda l: l.reshape(*batch, H), new_carry)
+    return new_carry, ys.reshape(T, *batch, H)
+
+
 def fused_unroll(
     cell: Cell, params: Params, carry: Carry, xs: Array, reverse: bool
 ) -> Optional[tuple[Carry, Array]]:
-    """``unroll`` (without ``seq_lengths``) by a fused kernel, or ``None`` if none applies.
+    """``unroll`` (without ``seq_lengths``) by a fused layer, or ``None`` if none applies.
 
     Args:
       cell: the cell.
       params: its parameters.
       carry: initial carry, leaves ``(*batch, H)``.
-      xs: ``(T, *batch, F)`` inputs (the kernel does the input projection itself).
+      xs: ``(T, *batch, F)`` inputs (the layer does the input projection itself).
       reverse: run from the last step to the first.
 
     Returns:
       ``(final_carry, ys)`` with ``ys: (T, *batch, H)``, or ``None`` when no kernel applies
       (then the caller runs the plain scan).
     """
-    if not fused_enabled() or xs.ndim < 2 or xs.shape[0] == 0:
+    if xs.ndim < 2 or xs.shape[0] == 0:
         return None
-    if not jnp.issubdtype(xs.dtype, jnp.floating):
+    T, batch = xs.shape[0], tuple(xs.shape[1:-1])
+    kernel = _applicable(cell, params, carry, xs.dtype, batch, xs.shape[-1])
+    if kernel is None:
         return None
-    leaves = jax.tree.leaves(carry)
-    batch = tuple(xs.shape[1:-1])
-    H = cell.hidden_size
-    if not leaves or any(l.dtype != xs.dtype or tuple(l.shape) != (*batch, H) for l in leaves):
-        return None
-    if math.prod(batch) == 0 or not hasattr(params, "w_ih") or not hasattr(params, "w_hh"):
-        return None
-    if params.w_ih.ndim != 2 or params.w_ih.shape[0] != xs.shape[-1]:
-        return None
-    kind = builtin_kind(cell, params)
-    if kind is None:
-        return None
-    kernel = KERNELS[kind]
-    T, B = xs.shape[0], math.prod(batch)
-    cast = jax.tree.map(lambda a: a.astype(xs.dtype), params)
-    flat_carry = jax.tree.map(lambda l: l.reshape(B, H), carry)
-    new_carry, ys = kernel.run(cast, flat_carry, xs.reshape(T, B, xs.shape[-1]), reverse)
-    new_carry = jax.tree.map(lambda l: l.reshape(*batch, H), new_carry)
-    return new_carry, ys.reshape(T, *batch, H)
+    zs_of = lambda p, B: _projection(xs.reshape(T, B, xs.shape[-1]), p.w_ih)
+    return _run(kernel, cell, params, carry, zs_of, T, batch, xs.dtype, reverse)
+
+
+def unroll_embedded(
+    cell: Cell,
+    params: Params,
+    carry: Carry,
+    table: Array,
+    tokens: Array,
+    *,
+    reverse: bool = False,
+) -> tuple[Carry, Array]:
+    """``unroll(cell, params, carry, table[tokens])`` with the projection done on the table.
+
+    An embedding followed by the input projection of the first layer is a lookup in the
+    ``(V, G*H)`` product ``table @ W_ih``: this computes that product (a ``V x E x G*H``
+    matmul) and gathers rows of it, instead of projecting all ``T*B`` embedded inputs; in
+    the backward pass the gradient of the product table is a ``V x T*B x G*H`` matmul with
+    one-hot rows, and ``dW_ih`` and ``dtable`` follow from it by two small matmuls. When
+    ``V`` is much smaller than ``T*B`` (a character vocabulary) this removes three of the
+    first layer's four large matmuls. The result equals ``unroll`` on ``table[tokens]``;
+    cells without a fused layer simply get that.
+
+    Args:
+      cell: the first layer's cell.
+      params: its parameters (``w_ih: (E, G*H)``).
+      carry: initial carry, leaves ``(*batch, H)``.
+      table: ``(V, E)`` embedding table, already in the compute dtype.
+      tokens: ``(T, *batch)`` integer ids.
+      reverse: run from the last step to the first.
+
+    Returns:
+      ``(final_carry, ys)`` with ``ys: (T, *batch, H)``.
+    """
+    T, batch = tokens.shape[0], tuple(tokens.shape[1:])
+    kernel = None if T == 0 else _applicable(cell, params, carry, table.dtype, batch,
+                                             table.shape[-1])
+    if kernel is None:
+        from jaxseq._unroll import unroll  # the general path (plain scan or fused layer)
+        return unroll(cell, params, carry, table[tokens], reverse=reverse)
+
+    def zs_of(p, B):
+        product = _dot(table, p.w_ih)  # (V, G*H)
+        onehot = jax.nn.one_hot(tokens.reshape(T * B), table.shape[0], dtype=table.dtype)
+        return _dot(onehot, product).reshape(T, B, -1)
+
+    return _run(kernel, cell, params, carry, zs_of, T, batch, table.dtype, reverse)

@@ -224,3 +224,28 @@ def test_program_size_does_not_grow_with_sequence_length():
         return sum(1 for line in text.splitlines() if " = " in line)
 
     assert hlo_ops(4) == hlo_ops(64)
+
+
+@pytest.mark.parametrize("name,reverse", [("lstm", False), ("gru", True), ("rnn_tanh", False),
+                                          ("gru_cho", True)])
+def test_unroll_embedded_equals_unroll_on_looked_up_inputs(name, reverse):
+    """The product-table path gives unroll's values and (float64) gradients exactly."""
+    with jax.enable_x64(True):
+        cell, params, carry, _, weights = setup(name, (3,), key=12, dtype=jnp.float64)
+        table = jax.random.normal(jax.random.key(13), (11, F), jnp.float64)
+        tokens = jax.random.randint(jax.random.key(14), (T, 3), 0, 11)
+
+        def loss(unroll_fn, params, carry, table):
+            final, ys = unroll_fn(params, carry, table)
+            return jnp.sum(weights * ys) + sum(jnp.sum(jnp.sin(l)) for l in jax.tree.leaves(final))
+
+        embedded = lambda p, c, t: _fused.unroll_embedded(cell, p, c, t, tokens, reverse=reverse)
+        looked_up = lambda p, c, t: jaxseq.unroll(cell, p, c, t[tokens], reverse=reverse)
+        assert "custom_vjp_call" in str(jax.make_jaxpr(
+            lambda *a: loss(embedded, *a))(params, carry, table))
+        got = jax.value_and_grad(lambda *a: loss(embedded, *a), argnums=(0, 1, 2))(
+            params, carry, table)
+        with _fused.use_fused(False):
+            want = jax.value_and_grad(lambda *a: loss(looked_up, *a), argnums=(0, 1, 2))(
+                params, carry, table)
+        chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-10)
