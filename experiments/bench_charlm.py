@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 VOCAB = 65  # Tiny Shakespeare's character set
 CELLS = ("rnn", "lstm", "gru")
-TRAIN_IMPLS = ("jaxseq", "jaxseq-table", "jaxseq-scan", "flax", "torch")
+TRAIN_IMPLS = ("jaxseq", "jaxseq-table", "jaxseq-bf16", "jaxseq-scan", "flax", "torch")
 SAMPLE_IMPLS = ("jaxseq", "jax-loop", "torch")
 _MARK = "@@bench "  # prefix of the worker's protocol lines on stdout
 
@@ -238,6 +238,8 @@ def build_train_step(spec: dict) -> tuple[Callable[[], None], Optional[float]]:
         return _build_jaxseq(spec, fused=True)
     if impl == "jaxseq-table":
         return _build_jaxseq(spec, table=True)
+    if impl == "jaxseq-bf16":
+        return _build_jaxseq(dict(spec, dtype="bfloat16"))
     if impl == "jaxseq-scan":
         return _build_jaxseq(spec, fused=False)
     if impl == "flax":
@@ -633,7 +635,8 @@ def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str
         records.append({
             "bench": "charlm", "impl": impl, "cell": cell, "hidden": hidden,
             "layers": config.layers, "batch": config.batch, "seq": config.seq,
-            "dtype": "float32" if impl == "torch" else config.dtype,
+            "dtype": ("float32" if impl == "torch" else "bfloat16" if impl == "jaxseq-bf16"
+                      else config.dtype),
             "chars_per_s": speed[impl],
             "step_s_median": statistics.median(times[impl]),
             "step_s": times[impl],
