@@ -6,8 +6,13 @@
 
 Writes ``OUT/vectors.txt`` and ``OUT/vectors.bin`` (header ``vocab_size dim``; both load
 with gensim's ``KeyedVectors.load_word2vec_format``) and ``OUT/run.json``. SIGINT/SIGTERM
-stop training between device calls; the vectors trained so far are still written and the
-exit code is 130/143.
+stop training between device calls; the vectors trained so far are still written, and so
+is ``OUT/checkpoint.npz`` (also written at every epoch end and every ``--save-every`` device
+calls); the exit code is 130/143. ``--resume`` continues such a run to exactly the vectors
+an uninterrupted run with the same flags gives:
+
+    python -m experiments.word2vec --out runs/w2v --epochs 5            # Ctrl-C midway
+    python -m experiments.word2vec --out runs/w2v --epochs 5 --resume
 
 ``--devices N`` shards each step's segments over N devices (default: all of them) with the
 tables replicated; the vectors do not depend on N beyond float summation order. With
@@ -46,6 +51,12 @@ def _parser():
                    help=f"output directory (default: {DEFAULT_OUT}-<mode>)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into --out even if it already holds files")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint.npz (the same flags "
+                        "are required; starts from the beginning when there is none yet)")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="also write the checkpoint every N device calls (default 0: at the "
+                        "end of each epoch, when stopped, and at the end)")
     p.add_argument("--query", action="append", default=[], metavar="WORD",
                    help="print the nearest neighbours of WORD after training (repeatable)")
     p.add_argument("--topn", type=int, default=10, help="neighbours printed per --query")
@@ -61,12 +72,12 @@ def _parser():
     return p
 
 
-def _check_out(out: pathlib.Path, overwrite: bool) -> None:
+def _check_out(out: pathlib.Path, overwrite: bool, resume: bool = False) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"output directory {out} is not empty; pass --overwrite or "
-                         f"choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise UsageError(f"output directory {out} is not empty; pass --resume to continue "
+                         f"its run, --overwrite or choose another --out")
 
 
 def _write_json(path: pathlib.Path, record: dict) -> None:
@@ -84,13 +95,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.validate()
     if args.topn <= 0:
         raise UsageError(f"--topn must be positive, got {args.topn}")
+    if args.save_every < 0:
+        raise UsageError(f"--save-every must be >= 0, got {args.save_every}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
     _cli.start_parallel(args)
     if args.devices is not None and args.devices > 1:
         parallel.data_mesh(args.devices)  # too many devices: fail before reading the corpus
     main_process = parallel.is_main_process()
     out = pathlib.Path(args.out or f"{DEFAULT_OUT}-{config.mode}")
     if main_process:
-        _check_out(out, args.overwrite)
+        _check_out(out, args.overwrite, args.resume)
+        if args.resume:
+            found = word2vec.find_resume_checkpoint(out)  # unreadable: fail early
+            if found is not None:
+                word2vec.check_resume(found, config)  # another config: before the corpus
 
     sentences = word2vec.tokenize(load_corpus(args.corpus))
     prepared = word2vec.prepare(sentences, config)
@@ -104,8 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"corpus: {prepared.corpus.raw_words:,} words, vocabulary {len(words):,} "
               f"(min count {config.min_count})", file=sys.stderr)
 
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
     result = word2vec.train(prepared, config, progress=args.progress, handle_signals=True,
-                            devices=args.devices)
+                            devices=args.devices, checkpoint_dir=out, resume=args.resume,
+                            save_every=args.save_every)
     if not main_process:
         return 128 + result.interrupted if result.interrupted else 0
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "corpus_words": result.raw_words, "devices": args.devices or jax.device_count(), "vocab_size": len(words),
               "seconds": result.seconds, "words_per_s": result.words_per_s,
               "epochs_done": result.epochs_done * config.epochs,
+              "resumed_from": result.resumed_from and {"epoch": result.resumed_from[0],
+                                                       "call": result.resumed_from[1]},
               "interrupted": signal.Signals(result.interrupted).name
               if result.interrupted else None}
     _write_json(out / "run.json", record)
@@ -124,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = signal.Signals(result.interrupted).name
         print(f"interrupted by {name} after {result.epochs_done * config.epochs:.2f} of "
               f"{config.epochs} epochs; vectors trained so far saved in {out}/vectors.txt "
-              f"and vectors.bin", file=sys.stderr)
+              f"and vectors.bin, checkpoint in {out}/checkpoint.npz; continue with the same "
+              f"flags and --out {out} --resume", file=sys.stderr)
         return 128 + result.interrupted
     print(f"trained {config.mode} in {result.seconds:.1f}s ({result.words_per_s:,.0f} "
           f"words/s); vectors in {out}/vectors.txt and {out}/vectors.bin", file=sys.stderr)

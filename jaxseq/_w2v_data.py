@@ -214,18 +214,23 @@ class Chunk(NamedTuple):
     batch: SegmentBatch
     raw_words: float
     epoch: int
+    call: int = 0     # index of this device call within its epoch
+    calls: int = 1    # device calls in this epoch
 
 
 def epoch_chunks(corpus: EncodedCorpus, keep: np.ndarray, cdf: np.ndarray, *, window: int,
                  segment: int, segments_per_step: int, steps_per_call: int,
                  shared_negatives: int, rng: np.random.Generator, negative_groups: int = 1,
-                 shuffle_block: int = 0, epoch: int = 0) -> Iterator[Chunk]:
+                 shuffle_block: int = 0, epoch: int = 0, skip: int = 0) -> Iterator[Chunk]:
     """One epoch of shuffled segment batches, ``steps_per_call`` steps at a time.
 
     The kept tokens (after subsampling) are cut into segments of ``segment`` centres whose
     order is shuffled within consecutive blocks of ``shuffle_block`` segments (0: the whole
     epoch), so each step mixes ``segments_per_step`` places of that stretch of the corpus;
     the last call of the epoch is filled up with empty (all-padding) segments.
+
+    ``skip`` leaves out the first ``skip`` calls (a resumed epoch) while drawing the same
+    random numbers for them, so the remaining chunks equal those of an uninterrupted epoch.
     """
     kept = subsample(corpus.ids, keep, rng)
     ids, sent = corpus.ids[kept], corpus.sentence[kept]
@@ -254,9 +259,11 @@ def epoch_chunks(corpus: EncodedCorpus, keep: np.ndarray, cdf: np.ndarray, *, wi
         s = starts[call][..., None]
         ii, oo = s + in_pos, s + out_pos
         negs = sample_negatives(cdf, (steps_per_call, negative_groups, shared_negatives), rng)
+        if call < skip:
+            continue
         real = int(np.count_nonzero(starts[call] < length))
         yield Chunk(SegmentBatch(tok[ii], sen[ii], tok[oo], sen[oo], win[oo], negs),
-                    real * words_per_segment, epoch)
+                    real * words_per_segment, epoch, call, n_calls)
 
 
 class BatchProducer:

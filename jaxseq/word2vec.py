@@ -58,6 +58,8 @@ built around products:
 from __future__ import annotations
 
 import math
+import os
+import pathlib
 import signal
 import sys
 import time
@@ -120,13 +122,15 @@ from jaxseq._w2v_model import (
     step_loss,
     train_step,
 )
+from jaxseq import checkpoint as ckpt
 from jaxseq import parallel
 from jaxseq.errors import UsageError
 
 __all__ = [
     "MODES", "OBJECTIVES", "NO_GENSIM", "PAD_SENTENCE", "AnalogyScore", "EncodedCorpus",
     "PairScore", "Plan", "Prepared", "Scores", "SegmentBatch", "TrainConfig", "TrainResult",
-    "TrainState", "UsageError", "Vocab", "Word2VecParams", "analogy", "build_vocab",
+    "TrainState", "UsageError", "Vocab", "Word2VecParams", "analogy", "build_vocab", "check_resume",
+    "find_resume_checkpoint",
     "cbow_hidden", "cbow_negative_grads", "cbow_negative_loss", "cbow_softmax_loss", "encode",
     "evaluate", "evaluate_analogies", "evaluate_pairs", "format_scores", "gensim_test_data",
     "init_params", "keep_probabilities", "load_vectors", "make_chunk_fn", "make_optimizer",
@@ -161,10 +165,70 @@ class TrainResult(NamedTuple):
     vectors: np.ndarray           # (V, D) the input vectors, as exported
     raw_words: int                # corpus words per epoch (before subsampling)
     seconds: float                # training wall time, compilation included
-    words_per_s: float            # raw_words * epochs trained / seconds
+    words_per_s: float            # corpus words trained in this call / seconds
     epochs_done: float            # fraction of the requested epochs completed
     interrupted: Optional[int]    # signal number that stopped training early (0: should_stop),
                                   # None when every epoch ran
+    checkpoint: Optional[pathlib.Path] = None  # the last checkpoint written (checkpoint_dir)
+    resumed_from: Optional[tuple[int, int]] = None  # (epoch, call) a resume started at
+
+
+CHECKPOINT_KIND = "word2vec"
+
+
+def _position(chunk: Chunk) -> tuple[int, int]:
+    """(epoch, calls done in it) after ``chunk``; a finished epoch is (epoch + 1, 0)."""
+    if chunk.call + 1 >= chunk.calls:
+        return chunk.epoch + 1, 0
+    return chunk.epoch, chunk.call + 1
+
+
+def _config_dict(config: TrainConfig) -> dict:
+    return {k: getattr(config, k) for k in config.__dataclass_fields__}
+
+
+def find_resume_checkpoint(directory: str | os.PathLike) -> Optional[pathlib.Path]:
+    """The checkpoint a resume of ``directory`` starts from, or None when it holds none.
+
+    Falls back to the previous checkpoint when the newest is unreadable; when checkpoint
+    files exist but none can be read, raises the newest one's UsageError instead of
+    silently starting over.
+    """
+    directory = pathlib.Path(directory)
+    if not directory.exists():
+        return None
+    found = ckpt.find(directory)
+    if found is None:
+        for name in (ckpt.CHECKPOINT_NAME, ckpt.PREVIOUS_NAME):
+            if (directory / name).is_file():
+                ckpt.read_meta(directory / name)  # raises the reason
+    return found
+
+
+def check_resume(path: pathlib.Path, config: TrainConfig, vocab: Optional[Vocab] = None
+                 ) -> dict:
+    """The metadata of a word2vec checkpoint, after checking it continues this run.
+
+    ``vocab`` None checks the config only (before the corpus is read).
+
+    Raises:
+      UsageError: another kind of checkpoint, another config, or another vocabulary.
+    """
+    meta = ckpt.read_meta(path)
+    if meta.get("kind") != CHECKPOINT_KIND:
+        raise UsageError(f"cannot resume from {path}: it is not a word2vec checkpoint")
+    saved, now = meta.get("config", {}), _config_dict(config)
+    diff = [k for k in now if saved.get(k) != now[k]]
+    if diff:
+        raise UsageError(f"cannot resume from {path}: it was trained with "
+                         + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})"
+                                     for k in diff))
+    if vocab is not None and (meta.get("words") != list(vocab.words)
+                              or meta.get("counts") != [int(c) for c in vocab.counts]):
+        raise UsageError(f"cannot resume from {path}: this corpus gives another vocabulary "
+                         f"({len(vocab)} words, the checkpoint has {len(meta.get('words', []))});"
+                         f" another --corpus?")
+    return meta
 
 
 class _StopSignals:
@@ -218,7 +282,8 @@ def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
           progress: bool = True, handle_signals: bool = False,
           should_stop: Callable[[], bool] | None = None,
           log: Callable[[str], None] | None = None, devices: Optional[int] = None,
-          gather_updates: bool = True) -> TrainResult:
+          gather_updates: bool = True, checkpoint_dir: str | os.PathLike | None = None,
+          resume: bool = False, save_every: int = 0) -> TrainResult:
     """Trains word vectors.
 
     Args:
@@ -236,13 +301,20 @@ def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
       gather_updates: with several devices, all-gather each step's update rows and scatter
         them into every copy of the tables (True), or let XLA all-reduce whole tables of
         partial updates (False; slower, kept for comparison).
+      checkpoint_dir: write ``checkpoint.npz`` (tables, optimizer state, position, config,
+        vocabulary) here at the end of every epoch, every ``save_every`` device calls, when
+        training stops early and at the end. Batches are a pure function of (seed, epoch,
+        position), so a resume continues to exactly the vectors of an uninterrupted run.
+      resume: continue from ``checkpoint_dir``'s checkpoint (from the beginning, with a log
+        line, when there is none yet). Without it an old checkpoint there is removed.
+      save_every: device calls between checkpoints (0: only at epoch ends).
 
     Returns:
       A ``TrainResult``; a seed gives the same vectors every run.
 
     Raises:
-      UsageError: bad config, too many devices, or a step whose segments do not divide
-        evenly over the devices.
+      UsageError: bad config, too many devices, a step whose segments do not divide
+        evenly over the devices, or a checkpoint that is unreadable or of another run.
     """
     prepared = sentences if isinstance(sentences, Prepared) else prepare(sentences, config)
     config.validate()
@@ -252,11 +324,37 @@ def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
     mesh = _mesh(devices, per_step, config)
     if not parallel.is_main_process():
         progress, log = False, (lambda msg: None)
-    rng = np.random.default_rng(config.seed)
+    if save_every < 0:
+        raise UsageError(f"--save-every must be >= 0, got {save_every}")
     key = jax.random.key(config.seed)
     params = init_params(key, len(vocab), config.dim)
     optimizer = make_optimizer(config, total_steps)
     state = TrainState(params, optimizer.init(params))
+    main = parallel.is_main_process()
+    first_epoch, first_call, done_words, resumed_from = 0, 0, 0.0, None
+    if checkpoint_dir is not None:
+        checkpoint_dir = pathlib.Path(checkpoint_dir)
+        found = find_resume_checkpoint(checkpoint_dir) if resume else None
+        if found is not None:
+            meta = check_resume(found, config, vocab)
+            state, _ = ckpt.load(found, state)
+            first_epoch, first_call = int(meta["epoch"]), int(meta["call"])
+            done_words, resumed_from = float(meta["done_words"]), (first_epoch, first_call)
+            if found.name != ckpt.CHECKPOINT_NAME:
+                log(f"warning: {checkpoint_dir / ckpt.CHECKPOINT_NAME} is unreadable; "
+                    f"resuming from the previous checkpoint {found.name}")
+            if first_epoch >= config.epochs:
+                log(f"{found} holds a finished run ({config.epochs} epochs): nothing to train")
+            else:
+                log(f"resumed from {found} at epoch {first_epoch + 1}, device call "
+                    f"{first_call} of the epoch ({done_words / corpus.raw_words:.2f} epochs "
+                    f"done)")
+        else:
+            if resume:
+                log(f"no checkpoint in {checkpoint_dir} yet: starting from the beginning")
+            if main:
+                for name in (ckpt.CHECKPOINT_NAME, ckpt.PREVIOUS_NAME):
+                    (checkpoint_dir / name).unlink(missing_ok=True)
     width = config.segment + 2 * config.window
     shapes = SegmentBatch(
         *(jax.ShapeDtypeStruct((steps, per_step, n), jnp.int32)
@@ -286,18 +384,37 @@ def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
             f"segments per step on each device")
 
     def make_epoch(epoch: int):
+        # Each epoch's randomness is its own generator seeded by (seed, epoch), so a resume
+        # can rebuild any epoch's remaining batches without replaying the earlier ones.
         return epoch_chunks(corpus, prepared.keep, prepared.cdf, window=config.window,
                             segment=config.segment, segments_per_step=per_step,
                             steps_per_call=steps, shared_negatives=config.shared_negatives,
                             negative_groups=groups, shuffle_block=config.shuffle_block,
-                            rng=rng, epoch=epoch)
+                            rng=np.random.default_rng([config.seed, epoch]), epoch=epoch,
+                            skip=first_call if epoch == first_epoch else 0)
+
+    position = (first_epoch, first_call)
+    saved_at, last_checkpoint = position, None
+
+    def save_checkpoint():
+        nonlocal saved_at, last_checkpoint
+        if checkpoint_dir is None or saved_at == position and last_checkpoint is not None:
+            return
+        local = state if mesh is None else parallel.to_local(state)
+        if main:
+            meta = {"kind": CHECKPOINT_KIND, "config": _config_dict(config),
+                    "epoch": position[0], "call": position[1], "done_words": done_words,
+                    "words": list(vocab.words), "counts": [int(c) for c in vocab.counts]}
+            last_checkpoint = ckpt.save(checkpoint_dir, local, meta)
+        saved_at = position
 
     start = time.perf_counter()
     total_words = corpus.raw_words * config.epochs
-    done_words, pending, interrupted = 0.0, None, None
+    pending, interrupted, calls_since_save, start_words = None, None, 0, done_words
     with _StopSignals(handle_signals) as signals:
-        producer = BatchProducer(make_epoch, config.epochs)
-        bar = tqdm(total=total_words, disable=not progress, unit="word", unit_scale=True,
+        producer = BatchProducer(make_epoch, config.epochs, first_epoch=first_epoch)
+        bar = tqdm(total=total_words, initial=min(round(done_words), total_words),
+                   disable=not progress, unit="word", unit_scale=True,
                    dynamic_ncols=True, file=sys.stderr, desc=f"word2vec {config.mode}")
         try:
             # Compile while the producer builds the first batches.
@@ -313,8 +430,15 @@ def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
                     bar.set_postfix(epoch=pending[1] + 1, loss=f"{float(pending[0]):.3f}")
                 pending = (loss, chunk.epoch)
                 done_words += chunk.raw_words
+                position = _position(chunk)
+                calls_since_save += 1
                 bar.update(min(round(done_words), total_words) - bar.n)
+                if checkpoint_dir is not None and (
+                        position[1] == 0 or (save_every and calls_since_save >= save_every)):
+                    save_checkpoint()
+                    calls_since_save = 0
             jax.block_until_ready(state)
+            save_checkpoint()  # the end, or where training stopped early
         finally:
             producer.close()
             bar.close()
@@ -326,8 +450,9 @@ def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
         log("warning: training produced non-finite vectors; try a lower --lr or --batch")
     vectors = np.asarray(params.w_in)
     return TrainResult(vocab, params, vectors, corpus.raw_words, seconds,
-                       done_words / max(seconds, 1e-9), done_words / max(total_words, 1),
-                       interrupted)
+                       (done_words - start_words) / max(seconds, 1e-9),
+                       done_words / max(total_words, 1),
+                       interrupted, last_checkpoint, resumed_from)
 
 
 def _mesh(devices: Optional[int], per_step: int, config: TrainConfig):
