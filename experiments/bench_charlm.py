@@ -381,7 +381,7 @@ class TrainBenchConfig:
                       choices=("rnn", "lstm", "gru", "all"))
     hidden: tuple[int, ...] = _flag((256, 512), "hidden sizes H (embedding width = H)")
     impl: tuple[str, ...] = _flag(
-        ("jaxseq", "flax", "torch"),
+        ("jaxseq", "jaxseq-table", "flax", "torch"),
         f"implementations, from {', '.join(TRAIN_IMPLS)} (jaxseq-table: jaxseq with the "
         f"embedding and the first layer's input projection fused into a table lookup; "
         f"jaxseq-scan: jaxseq with the fused layers off, plain lax.scan autodiff); torch is "
