@@ -403,9 +403,10 @@ def train(
                          f"or --overwrite to start again")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        if main_process:  # only process 0 writes; others may share the directory
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to run directory {out}: {e.strerror}") from None
 
