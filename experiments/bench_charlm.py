@@ -36,6 +36,7 @@ VOCAB = 65  # Tiny Shakespeare's character set
 CELLS = ("rnn", "lstm", "gru")
 TRAIN_IMPLS = ("jaxseq", "jaxseq-table", "jaxseq-bf16", "jaxseq-scan", "flax", "torch")
 SAMPLE_IMPLS = ("jaxseq", "jax-loop", "torch")
+_JAX_IMPLS = tuple(i for i in TRAIN_IMPLS if i != "torch")
 _MARK = "@@bench "  # prefix of the worker's protocol lines on stdout
 
 
@@ -476,8 +477,8 @@ class CompileBenchConfig:
                       choices=("rnn", "lstm", "gru", "all"))
     hidden: int = _flag(512, "hidden size H")
     seq: tuple[int, ...] = _flag((32, 128, 512), "sequence lengths to compile for")
-    impl: tuple[str, ...] = _flag(("jaxseq", "flax"), "JAX implementations: jaxseq, "
-                                  "jaxseq-scan, flax")
+    impl: tuple[str, ...] = _flag(("jaxseq", "jaxseq-table", "flax"),
+                                  f"JAX implementations, from {', '.join(_JAX_IMPLS)}")
     layers: int = _flag(2, "recurrent layers")
     batch: int = _flag(64, "sequences per batch")
     json: bool = _flag(False, "print one JSON line per measurement on stdout")
@@ -488,10 +489,10 @@ class CompileBenchConfig:
             raise UsageError("--hidden, --layers and --batch must be positive")
         if not self.seq or any(s <= 0 for s in self.seq):
             raise UsageError(f"--seq must be positive integers, got {list(self.seq)}")
-        bad = [i for i in self.impl if i not in ("jaxseq", "jaxseq-scan", "flax")]
+        bad = [i for i in self.impl if i not in _JAX_IMPLS]
         if bad or not self.impl:
             raise UsageError(f"unknown --impl {', '.join(bad) or '(none)'}; choose from "
-                             f"jaxseq, jaxseq-scan, flax")
+                             f"{', '.join(_JAX_IMPLS)}")
 
 
 def _parse(cls, prog: str, description: str, argv):
