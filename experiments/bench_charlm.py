@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 VOCAB = 65  # Tiny Shakespeare's character set
 CELLS = ("rnn", "lstm", "gru")
 TRAIN_IMPLS = ("jaxseq", "jaxseq-table", "jaxseq-bf16", "jaxseq-scan", "flax", "torch")
-SAMPLE_IMPLS = ("jaxseq", "jax-loop", "torch")
+SAMPLE_IMPLS = ("jaxseq", "jax-loop", "torch", "torch-native")
 _JAX_IMPLS = tuple(i for i in TRAIN_IMPLS if i != "torch")
 _MARK = "@@bench "  # prefix of the worker's protocol lines on stdout
 
@@ -444,13 +444,17 @@ class SampleBenchConfig:
     batch: tuple[int, ...] = _flag((1, 64), "numbers of samples drawn at once")
     impl: tuple[str, ...] = _flag(
         SAMPLE_IMPLS, f"implementations, from {', '.join(SAMPLE_IMPLS)} (jax-loop: a Python loop "
-        f"over a jitted single step)")
+        f"over a jitted single step; torch-native: the PyTorch loop with its oneDNN (mkldnn) "
+        f"kernels switched off, which for one step at a time is the faster PyTorch path)")
     layers: int = _flag(2, "recurrent layers")
     length: int = _flag(2000, "characters generated per sample")
     repeats: int = _flag(5, "timed repetitions per implementation (median reported)")
     seed: int = _flag(0, "seed")
     torch_device: str = _flag("auto", "device of the PyTorch loop (auto: cuda when available)",
                               choices=("auto", "cpu", "cuda"))
+    cores: tuple[int, ...] = _flag((), "pin this process to these CPU cores before anything "
+                                   "runs (e.g. --cores 1: single-threaded JAX and PyTorch)",
+                                   metavar="CORE")
     json: bool = _flag(False, "print one JSON line per measurement on stdout (the table "
                        "then goes to stderr)")
 
@@ -467,6 +471,10 @@ class SampleBenchConfig:
         if bad or not self.impl:
             raise UsageError(f"unknown --impl {', '.join(bad) or '(none)'}; choose from "
                              f"{', '.join(SAMPLE_IMPLS)}")
+        usable = os.sched_getaffinity(0)
+        if any(c not in usable for c in self.cores):
+            raise UsageError(f"--cores {list(self.cores)}: this process may use cores "
+                             f"{sorted(usable)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -694,7 +702,7 @@ def _sample_fns(config: SampleBenchConfig, cell: str, hidden: int, batch: int, i
             jax.block_until_ready(jnp.stack(out))
 
         fns["jaxseq"], fns["jax-loop"] = run_scan, run_loop
-    if "torch" in impls:
+    if {"torch", "torch-native"} & set(impls):
         import torch
 
         net = _torch_model(dict(cell=cell, hidden=hidden, layers=config.layers,
@@ -713,7 +721,11 @@ def _sample_fns(config: SampleBenchConfig, cell: str, hidden: int, batch: int, i
                     out.append(token)
                 torch.cat(out).cpu()
 
-        fns["torch"] = run_torch
+        def run_torch_native():
+            with torch.backends.mkldnn.flags(enabled=False):
+                run_torch()
+
+        fns["torch"], fns["torch-native"] = run_torch, run_torch_native
     return {k: fns[k] for k in impls}
 
 
@@ -721,12 +733,14 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
     config = _parse(SampleBenchConfig, "python -m experiments.bench sample",
                     "Sampling throughput of a char LM: jaxseq's compiled scan vs a loop of "
                     "jitted steps vs a PyTorch no_grad loop.", argv)
+    if config.cores:  # before JAX's CPU client and PyTorch size their thread pools
+        os.sched_setaffinity(0, config.cores)
     from tqdm.auto import tqdm
     impls = list(dict.fromkeys(config.impl))
-    if "torch" in impls and not _torch_available():
-        print("note: PyTorch is not installed; skipping the torch implementation",
+    if not _torch_available() and {"torch", "torch-native"} & set(impls):
+        print("note: PyTorch is not installed; skipping the torch implementations",
               file=sys.stderr)
-        impls.remove("torch")
+        impls = [i for i in impls if not i.startswith("torch")]
     out = sys.stderr if config.json else sys.stdout
     machine = _machine()
     groups = [(c, h, b) for h in config.hidden for c in _cells(config.cell) for b in config.batch]
@@ -744,6 +758,7 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
                 first[impl] = time.perf_counter() - start
                 bar.update(1)
             times = {impl: [] for impl in fns}
+            bar.set_description(f"{cell} H={hidden} batch {batch}: timing")
             for r in range(config.repeats):
                 order = impls[r % len(impls):] + impls[:r % len(impls)]
                 for impl in order:
@@ -760,8 +775,8 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
                        "chars_per_s": speed[impl], "run_s_median": med, "run_s": times[impl],
                        "first_run_s": first[impl],
                        "vs_torch": speed[impl] / speed["torch"] if "torch" in speed else None,
-                       "device": (_torch_device(config.torch_device) if impl == "torch"
-                                  else _jax_device()),
+                       "device": (_torch_device(config.torch_device)
+                                  if impl.startswith("torch") else _jax_device()),
                        "load_1min": _machine().get("load_1min")}
                 records.append(rec)
                 rows.append([cell, hidden, batch, impl, f"{speed[impl]:,.0f}",
@@ -774,7 +789,9 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(rec), flush=True)
     _emit_table(
         f"char-LM sampling, {config.layers} layers, {config.length} characters, median of "
-        f"{config.repeats} interleaved runs ({machine['cpu']}, {machine['cpus']} CPUs)",
+        f"{config.repeats} interleaved runs ({machine['cpu']}, {machine['cpus']} CPUs"
+        + (f", pinned to cores {list(config.cores)}" if config.cores else "")
+        + f", load {machine.get('load_1min', '?')} at the start)",
         ["cell", "H", "batch", "impl", "chars/s", "ms/run", "vs torch", "first run s"],
         rows, out)
     return 0

@@ -61,7 +61,7 @@ def test_charlm_bfloat16_table(capsys):
 
 
 def test_sample_and_compile(capsys):
-    impls = ["jaxseq", "jax-loop"] + (["torch"] if HAS_TORCH else [])
+    impls = ["jaxseq", "jax-loop"] + (["torch", "torch-native"] if HAS_TORCH else [])
     assert bench.main(["sample", "--hidden", "16", "--length", "20", "--batch", "3",
                        "--layers", "1", "--repeats", "2", "--cell", "gru", "--json",
                        "--impl", *impls]) == 0
