@@ -722,8 +722,12 @@ def _sample_fns(config: SampleBenchConfig, cell: str, hidden: int, batch: int, i
                 torch.cat(out).cpu()
 
         def run_torch_native():
-            with torch.backends.mkldnn.flags(enabled=False):
+            previous = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+            try:
                 run_torch()
+            finally:
+                torch.backends.mkldnn.enabled = previous
 
         fns["torch"], fns["torch-native"] = run_torch, run_torch_native
     return {k: fns[k] for k in impls}
