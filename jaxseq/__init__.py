@@ -41,3 +41,7 @@ __all__ = [
     "UsageError", "gru", "lstm", "make_cell", "reference_unroll", "rnn", "stack", "unroll",
 ]
 __all__ += ["FlaxCell", "TorchRNNInfo", "from_flax_linen_params", "from_torch_state_dict"]
+
+from jaxseq._fused import unroll_embedded, use_fused
+
+__all__ += ["unroll_embedded", "use_fused"]
