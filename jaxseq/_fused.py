@@ -71,9 +71,10 @@ def use_fused(enabled: bool = True):
 
 # ----------------------------------------------------------------------------- helpers
 #
-# Layouts: every kernel works on ``xs: (T, B, F)`` and carries ``(B, H)``; weights are
-# ``(in, out)`` as in the cells. ``zs = xs @ W_ih`` (without the bias, which is added inside
-# the loop where it costs nothing) is ONE ``(T*B, F) x (F, G*H)`` matmul.
+# Layouts: a layer is ``_projection`` (``zs = xs @ W_ih`` for ``xs: (T, B, F)``, ONE
+# ``(T*B, F) x (F, G*H)`` matmul, without the bias) followed by a cell's ``_*_core`` loop over
+# ``zs``, which adds the bias inside the loop where it costs nothing and carries ``(B, H)``.
+# Weights are ``(in, out)`` as in the cells.
 #
 # The time loops are ``fori_loop``s over buffers in their carry rather than ``scan`` outputs:
 # the forward writes the gate activations of step t over the pre-activations of step t in
@@ -219,7 +220,6 @@ def _rnn_cell(act: str, w_hh, b, h, zx):
 
 
 def _rnn_forward(act, reverse, b, w_hh, h0, zs):
-
     def body(t, state):
         h, buf = state
         h = _rnn_cell(act, w_hh, b, h, _at(buf, t))
