@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq._cells import Array, PRNGKey, make_cell
-from jaxseq._unroll import Stack, stack
+from jaxseq._fused import unroll_embedded
+from jaxseq._unroll import Stack, stack, unroll
 
 
 class CharLMParams(NamedTuple):
@@ -102,6 +103,7 @@ def char_lm(
         return jnp.where(keep, x / (1.0 - dropout), 0.0).astype(x.dtype)
 
     def apply(params: CharLMParams, carry, tokens: Array, *, dropout_key=None):
+        carry_in = carry
         if input_mode == "embedding":
             xs = params.embed.astype(compute_dtype)[tokens]
         else:
@@ -114,7 +116,20 @@ def char_lm(
         else:
             k_rnn = None
         rnn_params = jax.tree.map(lambda p: p.astype(compute_dtype), params.rnn)
-        carry, hs = network.apply(rnn_params, carry, xs, dropout_key=k_rnn)
+        if (input_mode == "embedding" and not use_dropout and not network.bidirectional
+                and tokens.size > 2 * vocab_size):
+            # Embedding then first-layer projection is a lookup in their (V, G*H) product:
+            # far fewer FLOPs than projecting T*B embedded inputs when V << T*B (measured
+            # 1.15-1.25x faster training steps, benchmarks/charlm.md). Same function.
+            first, hs = unroll_embedded(network.cell, rnn_params[0], carry[0],
+                                        params.embed.astype(compute_dtype), tokens)
+            carry = [first]
+            for layer in range(1, network.num_layers):
+                c, hs = unroll(network.cell, rnn_params[layer], carry_in[layer], hs)
+                carry.append(c)
+            carry = tuple(carry)
+        else:
+            carry, hs = network.apply(rnn_params, carry, xs, dropout_key=k_rnn)
         if use_dropout:
             hs = _dropout(k_out, hs)
         logits = hs @ params.w_out.astype(compute_dtype) + params.b_out.astype(compute_dtype)

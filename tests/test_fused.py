@@ -207,7 +207,8 @@ def test_use_fused_switch_is_scoped():
 
 
 def test_program_size_does_not_grow_with_sequence_length():
-    """The train step is loops, not unrolled steps: same number of HLO ops for T=4 and T=64."""
+    """The train step is loops, not unrolled steps: same number of HLO ops for T=16 and T=64
+    (both large enough for char_lm's table-lookup first layer)."""
     from jaxseq.models import char_lm, cross_entropy
 
     model = char_lm(7, cell="lstm", hidden=8, layers=2, embed=8)
@@ -223,7 +224,7 @@ def test_program_size_does_not_grow_with_sequence_length():
         text = jax.jit(jax.grad(loss)).lower(params).as_text()
         return sum(1 for line in text.splitlines() if " = " in line)
 
-    assert hlo_ops(4) == hlo_ops(64)
+    assert hlo_ops(16) == hlo_ops(64)
 
 
 @pytest.mark.parametrize("name,reverse", [("lstm", False), ("gru", True), ("rnn_tanh", False),
