@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 VOCAB = 65  # Tiny Shakespeare's character set
 CELLS = ("rnn", "lstm", "gru")
-TRAIN_IMPLS = ("jaxseq", "jaxseq-table", "jaxseq-bf16", "jaxseq-scan", "flax", "torch")
+TRAIN_IMPLS = ("jaxseq", "jaxseq-notable", "jaxseq-bf16", "jaxseq-scan", "flax", "torch")
 SAMPLE_IMPLS = ("jaxseq", "jax-loop", "torch", "torch-native")
 _JAX_IMPLS = tuple(i for i in TRAIN_IMPLS if i != "torch")
 _MARK = "@@bench "  # prefix of the worker's protocol lines on stdout
@@ -63,36 +63,25 @@ def _tokens(spec: dict):
             rng.integers(0, VOCAB, shape).astype(np.int32))
 
 
-def _table_model(model):
-    """``model`` whose first layer reads the embedding through ``unroll_embedded``.
-
-    The same parameters and the same function as ``model`` (no dropout): the embedding
-    followed by the first layer's input projection becomes a lookup in their product.
-    """
+def _plain_model(model):
+    """``model`` with its first layer fed the looked-up embeddings (``network.apply`` on
+    ``embed[tokens]``) instead of ``models.char_lm``'s product-table lookup: the same
+    function and parameters, the path a char LM took before the table existed."""
     import jax
     import jax.numpy as jnp
-    import jaxseq
-    from jaxseq._fused import unroll_embedded
 
     net, dtype = model.network, model.compute_dtype
-    if model.input_mode != "embedding" or net.bidirectional:
-        raise ValueError("the table path needs a unidirectional model with an embedding")
 
     def apply(params, carry, tokens, *, dropout_key=None):
         rnn = jax.tree.map(lambda p: p.astype(dtype), params.rnn)
-        first, hs = unroll_embedded(net.cell, rnn[0], carry[0], params.embed.astype(dtype),
-                                    tokens)
-        new_carry = [first]
-        for layer in range(1, net.num_layers):
-            c, hs = jaxseq.unroll(net.cell, rnn[layer], carry[layer], hs)
-            new_carry.append(c)
+        carry, hs = net.apply(rnn, carry, params.embed.astype(dtype)[tokens])
         logits = hs @ params.w_out.astype(dtype) + params.b_out.astype(dtype)
-        return tuple(new_carry), logits.astype(jnp.float32)
+        return carry, logits.astype(jnp.float32)
 
     return model._replace(apply=apply)
 
 
-def _build_jaxseq(spec: dict, fused: bool = True, table: bool = False):
+def _build_jaxseq(spec: dict, fused: bool = True, table: bool = True):
     import jax
     from jaxseq import charrnn
     from jaxseq._fused import use_fused
@@ -102,8 +91,8 @@ def _build_jaxseq(spec: dict, fused: bool = True, table: bool = False):
         batch=spec["batch"], seq=spec["seq"], lr=2e-3, schedule="constant", warmup=0,
         clip=5.0, dtype=spec["dtype"], seed=spec["seed"])
     model = charrnn.build_model(config, VOCAB)
-    if table:
-        model = _table_model(model)
+    if not table:
+        model = _plain_model(model)
     optimizer = charrnn.make_optimizer(config)
     state = charrnn.init_state(config, model, optimizer)
     inputs, targets = _tokens(spec)
@@ -237,8 +226,8 @@ def build_train_step(spec: dict) -> tuple[Callable[[], None], Optional[float]]:
     impl = spec["impl"]
     if impl == "jaxseq":
         return _build_jaxseq(spec, fused=True)
-    if impl == "jaxseq-table":
-        return _build_jaxseq(spec, table=True)
+    if impl == "jaxseq-notable":
+        return _build_jaxseq(spec, table=False)
     if impl == "jaxseq-bf16":
         return _build_jaxseq(dict(spec, dtype="bfloat16"))
     if impl == "jaxseq-scan":
@@ -382,9 +371,9 @@ class TrainBenchConfig:
                       choices=("rnn", "lstm", "gru", "all"))
     hidden: tuple[int, ...] = _flag((256, 512), "hidden sizes H (embedding width = H)")
     impl: tuple[str, ...] = _flag(
-        ("jaxseq", "jaxseq-table", "flax", "torch"),
-        f"implementations, from {', '.join(TRAIN_IMPLS)} (jaxseq-table: jaxseq with the "
-        f"embedding and the first layer's input projection fused into a table lookup; "
+        ("jaxseq", "flax", "torch"),
+        f"implementations, from {', '.join(TRAIN_IMPLS)} (jaxseq-notable: jaxseq without the "
+        f"product-table lookup for the embedding and the first layer's input projection; "
         f"jaxseq-scan: jaxseq with the fused layers off, plain lax.scan autodiff); torch is "
         f"skipped with a note when PyTorch is not installed")
     layers: int = _flag(2, "recurrent layers")
@@ -410,6 +399,11 @@ class TrainBenchConfig:
                                    "synchronisation); default: no pinning", metavar="CORE")
     in_process: bool = _flag(False, "run every implementation in this process instead of one "
                              "worker each (faster to start; peak RSS is then this process's)")
+    malloc: str = _flag("retain-jax", "glibc malloc in the workers: retain-jax (the JAX "
+                        "workers, jaxseq and flax alike, keep freed memory for reuse as "
+                        "jaxseq's command lines do, see jaxseq/_malloc.py; PyTorch keeps the "
+                        "default), retain-all, or default everywhere",
+                        choices=("retain-jax", "retain-all", "default"))
     seed: int = _flag(0, "seed of the weights and the random tokens")
     json: bool = _flag(False, "print one JSON line per measurement on stdout (the table "
                        "then goes to stderr)")
@@ -485,7 +479,7 @@ class CompileBenchConfig:
                       choices=("rnn", "lstm", "gru", "all"))
     hidden: int = _flag(512, "hidden size H")
     seq: tuple[int, ...] = _flag((32, 128, 512), "sequence lengths to compile for")
-    impl: tuple[str, ...] = _flag(("jaxseq", "jaxseq-table", "flax"),
+    impl: tuple[str, ...] = _flag(("jaxseq", "jaxseq-notable", "flax"),
                                   f"JAX implementations, from {', '.join(_JAX_IMPLS)}")
     layers: int = _flag(2, "recurrent layers")
     batch: int = _flag(64, "sequences per batch")
@@ -572,9 +566,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         impls.remove("torch")
     if config.jaxseq_xla_flags:
         impls.append("jaxseq+flags")
-    if config.in_process and (config.xla_flags or config.jaxseq_xla_flags or config.cores):
-        raise UsageError("--xla-flags, --jaxseq-xla-flags and --cores need worker processes "
-                         "(drop --in-process)")
+    if config.in_process and (config.xla_flags or config.jaxseq_xla_flags or config.cores
+                              or config.malloc != "retain-jax"):
+        raise UsageError("--xla-flags, --jaxseq-xla-flags, --cores and --malloc need worker "
+                         "processes (drop --in-process)")
     groups = [(c, h) for h in config.hidden for c in _cells(config.cell)]
     out = sys.stderr if config.json else sys.stdout
     machine = _machine()
@@ -620,7 +615,11 @@ def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str
                                         if impl == "jaxseq+flags" else "")
             bar.set_description(f"{cell} H={hidden}: starting {impl}")
             maker = _InProcess if config.in_process else _Worker
-            workers[impl] = maker(spec, _impl_env(flags.strip()))
+            env = _impl_env(flags.strip())
+            retain = config.malloc == "retain-all" or (config.malloc == "retain-jax"
+                                                       and impl != "torch")
+            env["JAXSEQ_MALLOC"] = "retain" if retain else "default"
+            workers[impl] = maker(spec, env)
             ready[impl] = workers[impl].ready
             bar.update(1)
         times: dict[str, list[float]] = {impl: [] for impl in impls}
@@ -660,6 +659,9 @@ def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str
             "xla_flags": (config.xla_flags + (" " + config.jaxseq_xla_flags
                                               if impl == "jaxseq+flags" else "")).strip()
             if impl != "torch" else None,
+            "malloc": ("process" if config.in_process
+                       else "retain" if config.malloc == "retain-all"
+                       or (config.malloc == "retain-jax" and impl != "torch") else "default"),
             "load_1min": load,
         })
     return records

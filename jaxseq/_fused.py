@@ -630,6 +630,32 @@ def fused_unroll(
     return _run(kernel, cell, params, carry, zs_of, T, batch, xs.dtype, reverse)
 
 
+@jax.custom_vjp
+def _rows(table: Array, ids: Array) -> Array:
+    """``table[ids]`` for in-range ``ids: (N,)``; the gradient of ``table`` is ``onehot^T g``.
+
+    Forward, a gather (on XLA:CPU 8x faster than the equivalent one-hot matmul for a
+    ``(65, 768)`` table and 8,192 ids); backward, one matmul with the one-hot rows rather
+    than the scatter-add that autodiff of a gather gives.
+    """
+    return jnp.take(table, ids, axis=0, mode="clip")
+
+
+def _rows_fwd(table, ids):
+    return _rows(table, ids), (ids, table.shape[0])
+
+
+def _rows_bwd(res, g):
+    ids, V = res
+    onehot = jax.nn.one_hot(ids, V, dtype=g.dtype)
+    dtable = jax.lax.dot_general(onehot, g, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=_acc_dtype(g.dtype)).astype(g.dtype)
+    return dtable, None
+
+
+_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
 def unroll_embedded(
     cell: Cell,
     params: Params,
@@ -670,7 +696,6 @@ def unroll_embedded(
 
     def zs_of(p, B):
         product = _dot(table, p.w_ih)  # (V, G*H)
-        onehot = jax.nn.one_hot(tokens.reshape(T * B), table.shape[0], dtype=table.dtype)
-        return _dot(onehot, product).reshape(T, B, -1)
+        return _rows(product, tokens.reshape(T * B)).reshape(T, B, -1)
 
     return _run(kernel, cell, params, carry, zs_of, T, batch, table.dtype, reverse)

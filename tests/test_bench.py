@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import math
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -48,6 +50,7 @@ def test_charlm_worker_processes_report_their_own_rss(capsys):
     records = json_lines(captured.out)
     assert [r["impl"] for r in records] == impls
     assert all(r["rss_mode"] == "worker" and r["peak_rss_mb"] > 50 for r in records)
+    assert [r["malloc"] for r in records] == ["retain"] + (["default"] if HAS_TORCH else [])
     assert "chars/s" in captured.err  # the table goes to stderr with --json
 
 
@@ -117,3 +120,33 @@ def test_word2vec_is_delegated(capsys):
         bench.main(["word2vec", "--help"])
     assert exit_info.value.code == 0
     assert "--" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting,expect", [("", "True"), ("default", "False")])
+def test_retain_freed_memory_reaches_glibc_unless_switched_off(setting, expect):
+    """The experiments package asks glibc to keep freed memory; JAXSEQ_MALLOC=default skips
+    it. Checked through mallinfo2-free means: after freeing a 64 MiB block, a process that
+    retains memory maps nothing new for the next one (no mmap: the heap serves it)."""
+    import subprocess
+    import sys
+    code = (
+        "import ctypes, resource, experiments, jaxseq._malloc as m\n"
+        "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "def touch(n):\n"
+        "    p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)\n"
+        "touch(64 << 20)\n"
+        "f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "touch(64 << 20)\n"
+        "faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0\n"
+        "print(m._done, faults)\n")
+    env = dict(os.environ, JAXSEQ_MALLOC=setting)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True, cwd=root).stdout.split()
+    assert out[0] == expect
+    pages = (64 << 20) // 4096
+    if expect == "True":
+        assert int(out[1]) < pages // 10   # the second block reuses the first one's pages
+    else:
+        assert int(out[1]) > pages // 2    # glibc unmapped it; every page faults again
