@@ -8,9 +8,12 @@ the whole block in again: about 30,000 minor faults per train step, 8% of its ti
 never trims makes the next execution reuse the same pages.
 
 The price: the process keeps its peak heap (freed memory is reused by later allocations,
-not returned to the OS), and all threads share one malloc arena. Sensible for a training
-process, which is why the command-line experiments switch it on; a library import never
-does.
+not returned to the OS), and all threads share one malloc arena, which makes XLA's
+multi-threaded compiles slower (train-step compile 1.5-2.7 s instead of 1.0-1.7 s for the
+2-layer H=512 models, ``benchmarks/charlm.md``). One arena is required: glibc serves a
+block over 64 MiB requested by any other thread's arena with ``mmap`` whatever the options.
+A training run compiles once and then runs thousands of steps, which is why the
+command-line experiments switch it on; a library import never does.
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@
 ``JAXSEQ_DATA`` defaults to ``<repo>/../shared/data`` (where CI and the dev machines keep
 Tiny Shakespeare) when that folder exists and the variable is not already set, so tests
 that read the corpus never download it.
+
+``JAXSEQ_MALLOC`` defaults to ``default``: the test processes (and the command lines they
+start) leave glibc malloc as it is. Its retaining mode (``jaxseq/_malloc.py``) puts every
+thread on one malloc arena, which makes XLA's multi-threaded compiles ~30% slower, and the
+suite is mostly compiles; ``tests/test_bench.py`` checks the mode itself.
 """
 
 import os
@@ -12,3 +17,5 @@ _SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "
 
 if _SHARED_DATA.is_dir():
     os.environ.setdefault("JAXSEQ_DATA", str(_SHARED_DATA))
+
+os.environ.setdefault("JAXSEQ_MALLOC", "default")
