@@ -76,6 +76,11 @@ def char_lm(
       input_mode: ``"embedding"`` (learned table) or ``"onehot"`` (the lecture's one-hot
         vectors fed straight into the first layer).
       compute_dtype: ``jnp.float32`` or ``jnp.bfloat16`` (mixed precision).
+
+    With an embedding, no active dropout and no bidirectional layer, ``apply`` on a batch of
+    more than ``2 * vocab_size`` tokens runs the embedding and the first layer's input
+    projection as one lookup in their ``(V, G*H)`` product (``jaxseq.unroll_embedded``):
+    the same function and gradients as embedding then ``network.apply``, with fewer FLOPs.
     """
     if input_mode not in ("embedding", "onehot"):
         raise ValueError(f"input_mode must be 'embedding' or 'onehot', got {input_mode!r}")
