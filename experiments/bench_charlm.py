@@ -363,6 +363,20 @@ def _flag(default, help, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
+def _check_choices(impls: Sequence[str], allowed: Sequence[str],
+                   cores: Sequence[int] = ()) -> None:
+    """``UsageError`` for an empty or unknown ``--impl`` or a ``--cores`` core this process
+    may not use."""
+    from jaxseq.errors import UsageError
+    bad = [i for i in impls if i not in allowed]
+    if bad or not impls:
+        raise UsageError(f"unknown --impl {', '.join(bad) or '(none)'}; choose from "
+                         f"{', '.join(allowed)}")
+    usable = os.sched_getaffinity(0)
+    if any(c not in usable for c in cores):
+        raise UsageError(f"--cores {list(cores)}: this process may use cores {sorted(usable)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainBenchConfig:
     """Settings of ``python -m experiments.bench charlm``."""
@@ -418,14 +432,7 @@ class TrainBenchConfig:
             raise UsageError(f"--warmup and --gap must be >= 0, got {self.warmup}, {self.gap}")
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise UsageError(f"--hidden must be positive integers, got {list(self.hidden)}")
-        bad = [i for i in self.impl if i not in TRAIN_IMPLS]
-        if bad or not self.impl:
-            raise UsageError(f"unknown --impl {', '.join(bad) or '(none)'}; choose from "
-                             f"{', '.join(TRAIN_IMPLS)}")
-        usable = os.sched_getaffinity(0)
-        if any(c not in usable for c in self.cores):
-            raise UsageError(f"--cores {list(self.cores)}: this process may use cores "
-                             f"{sorted(usable)}")
+        _check_choices(self.impl, TRAIN_IMPLS, self.cores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,14 +468,7 @@ class SampleBenchConfig:
             values = getattr(self, name)
             if not values or any(v <= 0 for v in values):
                 raise UsageError(f"--{name} must be positive integers, got {list(values)}")
-        bad = [i for i in self.impl if i not in SAMPLE_IMPLS]
-        if bad or not self.impl:
-            raise UsageError(f"unknown --impl {', '.join(bad) or '(none)'}; choose from "
-                             f"{', '.join(SAMPLE_IMPLS)}")
-        usable = os.sched_getaffinity(0)
-        if any(c not in usable for c in self.cores):
-            raise UsageError(f"--cores {list(self.cores)}: this process may use cores "
-                             f"{sorted(usable)}")
+        _check_choices(self.impl, SAMPLE_IMPLS, self.cores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,10 +491,7 @@ class CompileBenchConfig:
             raise UsageError("--hidden, --layers and --batch must be positive")
         if not self.seq or any(s <= 0 for s in self.seq):
             raise UsageError(f"--seq must be positive integers, got {list(self.seq)}")
-        bad = [i for i in self.impl if i not in _JAX_IMPLS]
-        if bad or not self.impl:
-            raise UsageError(f"unknown --impl {', '.join(bad) or '(none)'}; choose from "
-                             f"{', '.join(_JAX_IMPLS)}")
+        _check_choices(self.impl, _JAX_IMPLS)
 
 
 def _parse(cls, prog: str, description: str, argv):
@@ -600,6 +597,13 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _malloc_mode(config: TrainBenchConfig, impl: str) -> str:
+    """``retain`` or ``default``: the ``JAXSEQ_MALLOC`` of ``impl``'s worker."""
+    jax_impl = impl != "torch"
+    return "retain" if config.malloc == "retain-all" or (
+        config.malloc == "retain-jax" and jax_impl) else "default"
+
+
 def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str], bar):
     base = dict(cell=cell, hidden=hidden, layers=config.layers, batch=config.batch,
                 seq=config.seq, dtype=config.dtype, seed=config.seed, warmup=config.warmup,
@@ -616,9 +620,7 @@ def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str
             bar.set_description(f"{cell} H={hidden}: starting {impl}")
             maker = _InProcess if config.in_process else _Worker
             env = _impl_env(flags.strip())
-            retain = config.malloc == "retain-all" or (config.malloc == "retain-jax"
-                                                       and impl != "torch")
-            env["JAXSEQ_MALLOC"] = "retain" if retain else "default"
+            env["JAXSEQ_MALLOC"] = _malloc_mode(config, impl)
             workers[impl] = maker(spec, env)
             ready[impl] = workers[impl].ready
             bar.update(1)
@@ -659,9 +661,7 @@ def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str
             "xla_flags": (config.xla_flags + (" " + config.jaxseq_xla_flags
                                               if impl == "jaxseq+flags" else "")).strip()
             if impl != "torch" else None,
-            "malloc": ("process" if config.in_process
-                       else "retain" if config.malloc == "retain-all"
-                       or (config.malloc == "retain-jax" and impl != "torch") else "default"),
+            "malloc": "process" if config.in_process else _malloc_mode(config, impl),
             "load_1min": load,
         })
     return records

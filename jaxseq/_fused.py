@@ -35,7 +35,7 @@ import contextlib
 import functools
 import math
 import threading
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp

@@ -3,13 +3,13 @@
 XLA:CPU allocates the temporaries of a compiled program as one block per execution (115 MB
 for the 2-layer H=256 GRU train step) and frees it at the end. glibc serves a block that
 large with a fresh ``mmap`` and gives it back with ``munmap``, so every execution page-faults
-the whole block in again: about 30,000 minor faults per train step, 8% of its time
+the whole block in again: about 34,000 minor faults per train step, 7-10% of its time
 (``benchmarks/charlm.md``). Telling glibc to serve every allocation from one heap that it
 never trims makes the next execution reuse the same pages.
 
 The price: the process keeps its peak heap (freed memory is reused by later allocations,
 not returned to the OS), and all threads share one malloc arena, which makes XLA's
-multi-threaded compiles slower (train-step compile 1.5-2.7 s instead of 1.0-1.7 s for the
+multi-threaded compiles slower (train-step compile 1.3-2.8 s instead of 1.1-1.8 s for the
 2-layer H=512 models, ``benchmarks/charlm.md``). One arena is required: glibc serves a
 block over 64 MiB requested by any other thread's arena with ``mmap`` whatever the options.
 A training run compiles once and then runs thousands of steps, which is why the
