@@ -6,7 +6,6 @@ Sample:  python -m experiments.charrnn sample --checkpoint DIR --prime "ROMEO:" 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import pathlib
 import sys

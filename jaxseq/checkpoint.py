@@ -15,7 +15,6 @@ with a ``UsageError`` rather than loaded half-way.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import pathlib

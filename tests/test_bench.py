@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from experiments import bench, bench_charlm
+from experiments import bench
 
 TINY = ["--hidden", "16", "--batch", "4", "--seq", "8", "--steps", "2", "--warmup", "1",
         "--json", "--no-progress"]

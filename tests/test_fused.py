@@ -9,7 +9,6 @@ from jax.test_util import check_grads
 
 import jaxseq
 from jaxseq import _fused
-from jaxseq._cells import Cell
 
 H, F, T = 4, 3, 5
 
