@@ -12,6 +12,9 @@ suite is mostly compiles; ``tests/test_bench.py`` checks the mode itself.
 
 import os
 import pathlib
+import socket
+
+import pytest
 
 _SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -19,3 +22,12 @@ if _SHARED_DATA.is_dir():
     os.environ.setdefault("JAXSEQ_DATA", str(_SHARED_DATA))
 
 os.environ.setdefault("JAXSEQ_MALLOC", "default")
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a jax.distributed
+    coordinator in the multi-process tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

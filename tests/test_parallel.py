@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -75,15 +74,9 @@ def test_batch_must_divide_over_devices(corpus, tmp_path):
     assert proc.returncode == 2 and "divide evenly" in err and "Traceback" not in err
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_one(corpus, single, tmp_path):
+def test_two_processes_match_one(corpus, single, tmp_path, free_port):
     out = tmp_path / "two"
-    port = _free_port()
+    port = free_port
     procs = [run_cli(["--data", corpus, "--out", out, *ARGS, "--coordinator",
                       f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", i])
              for i in range(2)]

@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -109,15 +108,9 @@ def test_batch_must_divide_over_devices(corpus, tmp_path):
     assert len(err.strip().splitlines()) == 2  # the corpus line, then the error
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_one(corpus, single, tmp_path):
+def test_two_processes_match_one(corpus, single, tmp_path, free_port):
     out = tmp_path / "two"
-    port = _free_port()
+    port = free_port
     procs = [run(["--corpus", corpus, "--out", out, *ARGS, "--query", "w1", "--coordinator",
                   f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", i])
              for i in range(2)]
