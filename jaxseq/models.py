@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxseq._cells import Array, PRNGKey, make_cell
 from jaxseq._fused import unroll_embedded
-from jaxseq._unroll import Stack, stack, unroll
+from jaxseq._unroll import Stack, stack
 
 
 class CharLMParams(NamedTuple):
@@ -89,6 +89,8 @@ def char_lm(
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     network = stack(make_cell(cell, hidden), layers, dropout=dropout)
+    # Layers 2.. of `network` on their own, for the path whose first layer is a table lookup.
+    upper = stack(network.cell, layers - 1) if layers > 1 else None
     in_size = embed if input_mode == "embedding" else vocab_size
 
     def init(key: PRNGKey) -> CharLMParams:
@@ -108,32 +110,28 @@ def char_lm(
         return jnp.where(keep, x / (1.0 - dropout), 0.0).astype(x.dtype)
 
     def apply(params: CharLMParams, carry, tokens: Array, *, dropout_key=None):
-        carry_in = carry
-        if input_mode == "embedding":
-            xs = params.embed.astype(compute_dtype)[tokens]
-        else:
-            xs = jax.nn.one_hot(tokens, vocab_size, dtype=compute_dtype)
         use_dropout = dropout > 0.0 and dropout_key is not None
-        if use_dropout:
-            k_in, k_rnn, k_out = jax.random.split(dropout_key, 3)
-            if input_mode == "embedding":
-                xs = _dropout(k_in, xs)
-        else:
-            k_rnn = None
+        k_in, k_rnn, k_out = (jax.random.split(dropout_key, 3) if use_dropout
+                              else (None, None, None))
         rnn_params = jax.tree.map(lambda p: p.astype(compute_dtype), params.rnn)
         if (input_mode == "embedding" and not use_dropout and not network.bidirectional
                 and tokens.size > 2 * vocab_size):
             # Embedding then first-layer projection is a lookup in their (V, G*H) product:
-            # far fewer FLOPs than projecting T*B embedded inputs when V << T*B (measured
-            # 1.15-1.25x faster training steps, benchmarks/charlm.md). Same function.
+            # far fewer FLOPs than projecting T*B embedded inputs when V << T*B (1.11x and
+            # 1.26x faster GRU training steps at H=256 and 512, benchmarks/charlm.md).
             first, hs = unroll_embedded(network.cell, rnn_params[0], carry[0],
                                         params.embed.astype(compute_dtype), tokens)
-            carry = [first]
-            for layer in range(1, network.num_layers):
-                c, hs = unroll(network.cell, rnn_params[layer], carry_in[layer], hs)
-                carry.append(c)
-            carry = tuple(carry)
+            rest = ()
+            if upper is not None:
+                rest, hs = upper.apply(rnn_params[1:], carry[1:], hs)
+            carry = (first, *rest)
         else:
+            if input_mode == "embedding":
+                xs = params.embed.astype(compute_dtype)[tokens]
+                if use_dropout:
+                    xs = _dropout(k_in, xs)
+            else:
+                xs = jax.nn.one_hot(tokens, vocab_size, dtype=compute_dtype)
             carry, hs = network.apply(rnn_params, carry, xs, dropout_key=k_rnn)
         if use_dropout:
             hs = _dropout(k_out, hs)
