@@ -413,10 +413,10 @@ class TrainBenchConfig:
                                    "synchronisation); default: no pinning", metavar="CORE")
     in_process: bool = _flag(False, "run every implementation in this process instead of one "
                              "worker each (faster to start; peak RSS is then this process's)")
-    malloc: str = _flag("retain-jax", "glibc malloc in the workers: retain-jax (the JAX "
-                        "workers, jaxseq and flax alike, keep freed memory for reuse as "
-                        "jaxseq's command lines do, see jaxseq/_malloc.py; PyTorch keeps the "
-                        "default), retain-all, or default everywhere",
+    malloc: str = _flag("retain-jax", "allocator in the workers: retain-jax (the JAX "
+                        "workers, jaxseq and flax alike, keep freed memory for reuse and "
+                        "dispatch inline as jaxseq's command lines do, see jaxseq/_malloc.py; "
+                        "PyTorch keeps the default), retain-all, or default everywhere",
                         choices=("retain-jax", "retain-all", "default"))
     seed: int = _flag(0, "seed of the weights and the random tokens")
     json: bool = _flag(False, "print one JSON line per measurement on stdout (the table "

@@ -3,17 +3,24 @@
 XLA:CPU allocates the temporaries of a compiled program as one block per execution (115 MB
 for the 2-layer H=256 GRU train step) and frees it at the end. glibc serves a block that
 large with a fresh ``mmap`` and gives it back with ``munmap``, so every execution page-faults
-the whole block in again: about 34,000 minor faults per train step, 7-10% of its time
-(``benchmarks/charlm.md``). Telling glibc to serve every allocation from one heap that it
-never trims makes the next execution reuse the same pages.
+the whole block in again: about 34,000 minor faults per train step, 10-20% of its time
+(``benchmarks/charlm.md``).
+
+Two settings make the next execution reuse the same pages:
+
+* glibc: no ``mmap`` for large blocks and no trimming of the heap top (``mallopt``);
+* JAX: single-device computations run inline on the thread that calls them
+  (``jax_cpu_enable_async_dispatch=False``) rather than on a JAX worker thread. The block is
+  then allocated by the main thread from glibc's main heap, which honours the two options;
+  a worker thread's own malloc arena serves any block over 64 MiB with ``mmap`` whatever
+  the options.
 
 The price: the process keeps its peak heap (freed memory is reused by later allocations,
-not returned to the OS), and all threads share one malloc arena, which makes XLA's
-multi-threaded compiles slower (train-step compile 1.3-2.8 s instead of 1.1-1.8 s for the
-2-layer H=512 models, ``benchmarks/charlm.md``). One arena is required: glibc serves a
-block over 64 MiB requested by any other thread's arena with ``mmap`` whatever the options.
-A training run compiles once and then runs thousands of steps, which is why the
-command-line experiments switch it on; a library import never does.
+not returned to the OS), and Python waits for each step to finish before it goes on (a
+training loop that reads the loss every step waits anyway). An earlier version forced a
+single malloc arena instead of inline dispatch; that made XLA's threaded compiles about
+30% slower, this does not. A training run compiles once and then runs thousands of steps,
+which is why the command-line experiments switch it on; a library import never does.
 """
 
 from __future__ import annotations
@@ -25,16 +32,16 @@ import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
 _done = False
 
 
 def retain_freed_memory() -> bool:
     """Tell glibc malloc to reuse freed memory rather than unmap it; True if it took.
 
-    Call it before JAX runs its first computation (its thread pools are created then, and
-    a thread keeps the malloc arena it started with). Does nothing (returns False) on
-    other C libraries or platforms, or when ``JAXSEQ_MALLOC=default`` is set.
+    Also turns JAX's asynchronous CPU dispatch off, so that XLA's temporaries come from the
+    main heap (see the module docstring). Call it before JAX runs its first computation:
+    the dispatch mode is fixed when JAX creates its CPU client. Does nothing (returns False)
+    on other C libraries or platforms, or when ``JAXSEQ_MALLOC=default`` is set.
     """
     global _done
     if _done:
@@ -49,7 +56,9 @@ def retain_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; musl and others lack it (AttributeError above).
-    ok = (mallopt(_M_ARENA_MAX, 1) == 1 and mallopt(_M_MMAP_MAX, 0) == 1
-          and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)
+    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    if ok:
+        import jax
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     _done = ok
     return ok

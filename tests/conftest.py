@@ -5,9 +5,9 @@ Tiny Shakespeare) when that folder exists and the variable is not already set, s
 that read the corpus never download it.
 
 ``JAXSEQ_MALLOC`` defaults to ``default``: the test processes (and the command lines they
-start) leave glibc malloc as it is. Its retaining mode (``jaxseq/_malloc.py``) puts every
-thread on one malloc arena, which makes XLA's multi-threaded compiles ~30% slower, and the
-suite is mostly compiles; ``tests/test_bench.py`` checks the mode itself.
+start) keep glibc malloc and JAX's dispatch as a library user who imports ``jaxseq`` gets
+them. The command lines' memory-keeping mode (``jaxseq/_malloc.py``) is checked on its own
+in ``tests/test_bench.py``.
 """
 
 import os
