@@ -111,11 +111,23 @@ def _shift(ys: Array, first: Array, reverse: bool) -> Array:
     return jnp.concatenate([first[None], ys[:-1]], axis=0)
 
 
-def _time_loop(T: int, reverse: bool, body: Callable, init):
-    """``body(t, state)`` for t = 0..T-1, or T-1..0 when ``reverse``."""
-    if reverse:
-        return jax.lax.fori_loop(0, T, lambda i, s: body(T - 1 - i, s), init)
-    return jax.lax.fori_loop(0, T, body, init)
+def _time_loop(T: int, reverse: bool, body: Callable, init, unroll: int = 2):
+    """``body(t, state)`` for t = 0..T-1, or T-1..0 when ``reverse``.
+
+    ``unroll`` steps run in each loop iteration (the last ``T % unroll`` after the loop):
+    XLA:CPU pays a fixed cost to run a loop body, which two steps share.
+    """
+    order = (lambda i: T - 1 - i) if reverse else (lambda i: i)
+
+    def steps(j, state):
+        for k in range(unroll):
+            state = body(order(unroll * j + k), state)
+        return state
+
+    state = jax.lax.fori_loop(0, T // unroll, steps, init)
+    for i in range(T - T % unroll, T):
+        state = body(order(i), state)
+    return state
 
 
 def _rewrite_loop(T: int, reverse: bool, body: Callable, carry, bufs: tuple):
