@@ -128,8 +128,6 @@ def test_retain_freed_memory_makes_xla_reuse_its_temporaries(setting, expect):
     the heap on the next call (no new page faults); JAXSEQ_MALLOC=default leaves glibc and
     JAX as they are, and every call faults the block in afresh. Both halves are needed:
     the glibc options and inline dispatch (the main thread allocates from the main heap)."""
-    import subprocess
-    import sys
     code = (
         "import resource, experiments, jax, jax.numpy as jnp, jaxseq._malloc as m\n"
         "f = jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * 2.0)[::1000]\n"
