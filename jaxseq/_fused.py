@@ -76,12 +76,13 @@ def use_fused(enabled: bool = True):
 # ``zs``, which adds the bias inside the loop where it costs nothing and carries ``(B, H)``.
 # Weights are ``(in, out)`` as in the cells.
 #
-# The time loops are ``fori_loop``s over buffers in their carry rather than ``scan`` outputs:
-# the forward writes the gate activations of step t over the pre-activations of step t in
-# the buffer that holds ``zs``, and the backward writes ``dz_t`` over the activations of
-# step t, so no fresh ``(T, B, G*H)`` buffer is allocated and zero-filled for them (on XLA:CPU
-# zero-filling and first-touch page faults of such a buffer cost as much as the gate
-# arithmetic of the whole loop).
+# The time loops (``_rewrite_loop``) are ``fori_loop``s over buffers in their carry rather
+# than ``scan`` outputs: the forward writes the gate activations of step t over the
+# pre-activations of step t in the buffer that holds ``zs``, and the backward writes ``dz_t``
+# over the activations of step t, so no fresh ``(T, B, G*H)`` buffer is allocated and
+# zero-filled for them (on XLA:CPU zero-filling and first-touch page faults of such a buffer
+# cost as much as the gate arithmetic of the whole loop). Every slice a step reads is read at
+# the end of the step before, so the gate arithmetic works on small arrays.
 
 
 def _acc_dtype(dtype):
@@ -111,33 +112,25 @@ def _shift(ys: Array, first: Array, reverse: bool) -> Array:
     return jnp.concatenate([first[None], ys[:-1]], axis=0)
 
 
-def _time_loop(T: int, reverse: bool, body: Callable, init, unroll: int = 2):
-    """``body(t, state)`` for t = 0..T-1, or T-1..0 when ``reverse``.
-
-    ``unroll`` steps run in each loop iteration (the last ``T % unroll`` after the loop):
-    XLA:CPU pays a fixed cost to run a loop body, which two steps share.
-    """
-    order = (lambda i: T - 1 - i) if reverse else (lambda i: i)
-
-    def steps(j, state):
-        for k in range(unroll):
-            state = body(order(unroll * j + k), state)
-        return state
-
-    state = jax.lax.fori_loop(0, T // unroll, steps, init)
-    for i in range(T - T % unroll, T):
-        state = body(order(i), state)
-    return state
-
-
-def _rewrite_loop(T: int, reverse: bool, body: Callable, carry, bufs: tuple):
+def _rewrite_loop(T: int, reverse: bool, body: Callable, carry, bufs: tuple,
+                  fetch: Callable = lambda t: (), unroll: int = 1):
     """A time loop that replaces ``bufs[k][t]`` by what ``body`` computes from it, in place.
 
-    ``body(t, carry, olds) -> (carry, news)`` with ``olds[k] = bufs[k][t]`` and ``news[k]``
-    written over it. Each step's slices are read at the end of the step before (after that
-    step's write): read and write then touch the buffer in an order XLA can see, so it
-    updates the buffer in place instead of copying all of it every step (which it does when
-    the read at step t is fused into the consumers of the write at step t).
+    ``body(t, carry, olds, got) -> (carry, news)`` with ``olds[k] = bufs[k][t]``,
+    ``got = fetch(t)`` (slices of read-only arrays) and ``news[k]`` written over ``olds[k]``.
+    Each step's slices are read at the end of the step before (after that step's write):
+
+    * read and write then touch a buffer in an order XLA can see, so it updates the buffer
+      in place instead of copying all of it every step (which it does when the read at
+      step t is fused into the consumers of the write at step t);
+    * the step's arithmetic reads small arrays: a dynamic slice of a ``(T, B, X)`` array
+      fused into the gate arithmetic made a GRU H=256 forward step about 1.5x slower on
+      XLA:CPU (``benchmarks/charlm.md``).
+
+    ``unroll`` steps run in each loop iteration (the last ``T % unroll`` after the loop):
+    XLA:CPU pays a fixed cost to run a loop body, which the steps share. The forward loops
+    use 2; the backward loops 1 (with 2, XLA copies their rewritten buffers every
+    iteration and a GRU backward ran 3.5x slower).
 
     Returns:
       ``(carry, bufs)`` after the last step.
@@ -145,16 +138,24 @@ def _rewrite_loop(T: int, reverse: bool, body: Callable, carry, bufs: tuple):
     order = (lambda i: T - 1 - i) if reverse else (lambda i: i)
 
     def step(i, state):
-        carry, bufs, olds = state
+        carry, bufs, olds, got = state
         t = order(i)
-        carry, news = body(t, carry, olds)
+        carry, news = body(t, carry, olds, got)
         bufs = tuple(_put(b, n, t) for b, n in zip(bufs, news))
         t_next = order(jnp.minimum(i + 1, T - 1))
-        return carry, bufs, tuple(_at(b, t_next) for b in bufs)
+        return carry, bufs, tuple(_at(b, t_next) for b in bufs), fetch(t_next)
 
-    first = tuple(_at(b, order(0)) for b in bufs)
-    carry, bufs, _ = jax.lax.fori_loop(0, T, step, (carry, tuple(bufs), first))
-    return carry, bufs
+    def steps(j, state):
+        for k in range(unroll):
+            state = step(unroll * j + k, state)
+        return state
+
+    first = order(0)
+    state = (carry, tuple(bufs), tuple(_at(b, first) for b in bufs), fetch(first))
+    state = jax.lax.fori_loop(0, T // unroll, steps, state)
+    for i in range(T - T % unroll, T):
+        state = step(i, state)
+    return state[0], state[1]
 
 
 def _dot(a: Array, b: Array) -> Array:
@@ -232,12 +233,12 @@ def _rnn_cell(act: str, w_hh, b, h, zx):
 
 
 def _rnn_forward(act, reverse, b, w_hh, h0, zs):
-    def body(t, state):
-        h, buf = state
-        h = _rnn_cell(act, w_hh, b, h, _at(buf, t))
-        return h, _put(buf, h, t)  # the outputs overwrite the pre-activations
+    def body(t, h, olds, got):
+        h = _rnn_cell(act, w_hh, b, h, olds[0])
+        return h, (h,)  # the outputs overwrite the pre-activations
 
-    return _time_loop(zs.shape[0], reverse, body, (h0, zs))
+    h, (ys,) = _rewrite_loop(zs.shape[0], reverse, body, h0, (zs,), unroll=2)
+    return h, ys
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -254,14 +255,14 @@ def _rnn_core_bwd(act, reverse, res, cts):
     w_hh, h0, ys = res
     dhT, dys = cts
 
-    def body(t, dh_next, olds):
-        (dy,) = olds
+    def body(t, dh_next, olds, got):
+        (dy,), (y,) = olds, got
         dh = dy + dh_next
-        y = _at(ys, t)
         dz = dh * (1.0 - y * y) if act == "tanh" else jnp.where(y > 0, dh, 0.0).astype(dh.dtype)
         return _dot_wt(dz, w_hh), (dz,)  # dz_t overwrites dy_t
 
-    dh0, (dzs,) = _rewrite_loop(ys.shape[0], not reverse, body, dhT, (dys,))
+    fetch = lambda t: (_at(ys, t),)
+    dh0, (dzs,) = _rewrite_loop(ys.shape[0], not reverse, body, dhT, (dys,), fetch)
     dw_hh = _weight_grad(_shift(ys, h0, reverse), dzs, w_hh.dtype)
     return _bias_grad(dzs, w_hh.dtype), dw_hh, dh0, dzs
 
@@ -295,19 +296,18 @@ def _lstm_cell(w_hh, b, h, c, zx):
 def _lstm_forward(reverse, b, w_hh, h0, c0, zs, save: bool):
     T, B, _ = zs.shape
     ys = jnp.zeros((T, B, h0.shape[-1]), h0.dtype)
-    cs = jnp.zeros_like(ys) if save else None
 
-    def body(t, state):
-        h, c, buf, ys, cs = state
-        h, c, gates = _lstm_cell(w_hh, b, h, c, _at(buf, t))
-        ys = _put(ys, h, t)
-        if save:
-            buf = _put(buf, jnp.concatenate(gates, axis=-1), t)  # activations over z_t
-            cs = _put(cs, c, t)
-        return h, c, buf, ys, cs
+    def body(t, carry, olds, got):
+        h, c, gates = _lstm_cell(w_hh, b, *carry, olds[0] if save else got[0])
+        return (h, c), ((jnp.concatenate(gates, axis=-1), h, c) if save else (h,))
 
-    h, c, acts, ys, cs = _time_loop(T, reverse, body, (h0, c0, zs, ys, cs))
-    return (h, c), ys, acts, cs
+    if save:  # the activations overwrite the pre-activations
+        carry, (acts, ys, cs) = _rewrite_loop(T, reverse, body, (h0, c0),
+                                              (zs, ys, jnp.zeros_like(ys)), unroll=2)
+        return carry, ys, acts, cs
+    carry, (ys,) = _rewrite_loop(T, reverse, body, (h0, c0), (ys,),
+                                 fetch=lambda t: (_at(zs, t),), unroll=2)
+    return carry, ys, None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -325,11 +325,11 @@ def _lstm_core_bwd(reverse, res, cts):
     w_hh, h0, c0, ys, cs, acts = res
     (dhT, dcT), dys = cts
 
-    def body(t, carry, olds):
+    def body(t, carry, olds, got):
         dh_next, dc_next = carry
         i, f, g, o = _blocks(olds[0], 4)
-        c, c_prev = _at(cs, t), _prev(cs, t, c0, reverse)
-        dh = _at(dys, t) + dh_next
+        dy, c, c_prev = got
+        dh = dy + dh_next
         tc = jnp.tanh(c)
         dc = dc_next + dh * o * (1.0 - tc * tc)
         dz = jnp.concatenate([
@@ -340,7 +340,9 @@ def _lstm_core_bwd(reverse, res, cts):
         ], axis=-1)
         return (_dot_wt(dz, w_hh), dc * f), (dz,)  # dz_t overwrites the activations
 
-    (dh0, dc0), (dzs,) = _rewrite_loop(ys.shape[0], not reverse, body, (dhT, dcT), (acts,))
+    fetch = lambda t: (_at(dys, t), _at(cs, t), _prev(cs, t, c0, reverse))
+    (dh0, dc0), (dzs,) = _rewrite_loop(ys.shape[0], not reverse, body, (dhT, dcT), (acts,),
+                                       fetch)
     dw_hh = _weight_grad(_shift(ys, h0, reverse), dzs, w_hh.dtype)
     return _bias_grad(dzs, w_hh.dtype), dw_hh, dh0, dc0, dzs
 
@@ -364,19 +366,17 @@ def _gru_cell(w_hh, b, b_hn, h, zx):
 def _gru_forward(reverse, b, w_hh, b_hn, h0, zs, save: bool):
     T, B, _ = zs.shape
     ys = jnp.zeros((T, B, h0.shape[-1]), h0.dtype)
-    hns = jnp.zeros_like(ys) if save else None
 
-    def body(t, state):
-        h, buf, ys, hns = state
-        h, (r, u, n, hn) = _gru_cell(w_hh, b, b_hn, h, _at(buf, t))
-        ys = _put(ys, h, t)
-        if save:
-            buf = _put(buf, jnp.concatenate([r, u, n], axis=-1), t)
-            hns = _put(hns, hn, t)
-        return h, buf, ys, hns
+    def body(t, h, olds, got):
+        h, (r, u, n, hn) = _gru_cell(w_hh, b, b_hn, h, olds[0] if save else got[0])
+        return h, ((jnp.concatenate([r, u, n], axis=-1), h, hn) if save else (h,))
 
-    h, acts, ys, hns = _time_loop(T, reverse, body, (h0, zs, ys, hns))
-    return h, ys, acts, hns
+    if save:  # the activations overwrite the pre-activations
+        h, (acts, ys, hns) = _rewrite_loop(T, reverse, body, h0, (zs, ys, jnp.zeros_like(ys)),
+                                           unroll=2)
+        return h, ys, acts, hns
+    h, (ys,) = _rewrite_loop(T, reverse, body, h0, (ys,), fetch=lambda t: (_at(zs, t),), unroll=2)
+    return h, ys, None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -395,10 +395,10 @@ def _gru_core_bwd(reverse, res, cts):
     dhT, dys = cts
     H = h0.shape[-1]
 
-    def body(t, dh_next, olds):
+    def body(t, dh_next, olds, got):
         r, u, n = _blocks(olds[0], 3)
-        hn, h_prev = olds[1], _prev(ys, t, h0, reverse)
-        dh = _at(dys, t) + dh_next
+        hn, (dy, h_prev) = olds[1], got
+        dh = dy + dh_next
         dn = dh * (1.0 - u) * (1.0 - n * n)
         dr = dn * hn * r * (1.0 - r)
         du = dh * (h_prev - n) * u * (1.0 - u)
@@ -407,7 +407,8 @@ def _gru_core_bwd(reverse, res, cts):
         # dz_t (input side) overwrites the activations, d(h W_hn)_t overwrites hn_t.
         return dh_prev, (jnp.concatenate([dr, du, dn], axis=-1), dhn)
 
-    dh0, (dzs, dhns) = _rewrite_loop(ys.shape[0], not reverse, body, dhT, (acts, hns))
+    fetch = lambda t: (_at(dys, t), _prev(ys, t, h0, reverse))
+    dh0, (dzs, dhns) = _rewrite_loop(ys.shape[0], not reverse, body, dhT, (acts, hns), fetch)
     h_prev = _shift(ys, h0, reverse)
     dw_hh = jnp.concatenate([_weight_grad(h_prev, dzs[..., :2 * H], w_hh.dtype),
                              _weight_grad(h_prev, dhns, w_hh.dtype)], axis=1)
@@ -435,15 +436,16 @@ def _gru_cho_forward(reverse, b, w_hh, h0, zs, save: bool):
     T, B, _ = zs.shape
     ys = jnp.zeros((T, B, h0.shape[-1]), h0.dtype)
 
-    def body(t, state):
-        h, buf, ys = state
-        h, gates = _gru_cho_cell(w_hh, b, h, _at(buf, t))
-        if save:
-            buf = _put(buf, jnp.concatenate(gates, axis=-1), t)
-        return h, buf, _put(ys, h, t)
+    def body(t, h, olds, got):
+        h, gates = _gru_cho_cell(w_hh, b, h, olds[0] if save else got[0])
+        return h, ((jnp.concatenate(gates, axis=-1), h) if save else (h,))
 
-    h, acts, ys = _time_loop(T, reverse, body, (h0, zs, ys))
-    return h, ys, acts
+    if save:  # the activations overwrite the pre-activations
+        h, (acts, ys) = _rewrite_loop(T, reverse, body, h0, (zs, ys), unroll=2)
+        return h, ys, acts
+    h, (ys,) = _rewrite_loop(T, reverse, body, h0, (ys,), fetch=lambda t: (_at(zs, t),),
+                             unroll=2)
+    return h, ys, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -463,10 +465,10 @@ def _gru_cho_core_bwd(reverse, res, cts):
     H = h0.shape[-1]
     w_rz, w_n = w_hh[:, :2 * H], w_hh[:, 2 * H:]
 
-    def body(t, dh_next, olds):
+    def body(t, dh_next, olds, got):
         r, u, cand = _blocks(olds[0], 3)
-        h_prev = _prev(ys, t, h0, reverse)
-        dh = _at(dys, t) + dh_next
+        dy, (h_prev,) = olds[1], got
+        dh = dy + dh_next
         dn = dh * u * (1.0 - cand * cand)
         drh = _dot_wt(dn, w_n)
         dr = drh * h_prev * r * (1.0 - r)
@@ -476,7 +478,8 @@ def _gru_cho_core_bwd(reverse, res, cts):
         # dz_t overwrites the activations; r_t * h_{t-1} (for dW_n) overwrites dy_t.
         return dh_prev, (jnp.concatenate([drz, dn], axis=-1), r * h_prev)
 
-    dh0, (dzs, rhs) = _rewrite_loop(ys.shape[0], not reverse, body, dhT, (acts, dys))
+    fetch = lambda t: (_prev(ys, t, h0, reverse),)
+    dh0, (dzs, rhs) = _rewrite_loop(ys.shape[0], not reverse, body, dhT, (acts, dys), fetch)
     dw_hh = jnp.concatenate([
         _weight_grad(_shift(ys, h0, reverse), dzs[..., :2 * H], w_hh.dtype),
         _weight_grad(rhs, dzs[..., 2 * H:], w_hh.dtype)], axis=1)
