@@ -158,6 +158,34 @@ def _rewrite_loop(T: int, reverse: bool, body: Callable, carry, bufs: tuple,
     return state[0], state[1]
 
 
+def _forward_loop(reverse: bool, step: Callable, carry, zs: Array, save: bool, extras: int):
+    """The forward time loop of a gated layer over its projected inputs ``zs: (T, B, G*H)``.
+
+    ``step(carry, z_t) -> (carry, y_t, acts_t, extra_t)`` is one step: ``y_t: (B, H)`` the
+    output, ``acts_t: (B, G*H)`` the gate activations and ``extra_t`` a tuple of ``extras``
+    more ``(B, H)`` arrays for the backward pass. With ``save`` the activations overwrite
+    the pre-activations in the buffer of ``zs`` and the extras fill buffers of their own.
+
+    Returns:
+      ``(carry, ys, acts, extras)``; ``acts`` is ``None`` and ``extras`` empty without
+      ``save``.
+    """
+    T, B, _ = zs.shape
+    ys = jnp.zeros((T, B, jax.tree.leaves(carry)[0].shape[-1]), zs.dtype)
+
+    def body(t, carry, olds, got):
+        carry, y, acts, extra = step(carry, olds[0] if save else got[0])
+        return carry, ((acts, y, *extra) if save else (y,))
+
+    if save:
+        bufs = (zs, ys) + tuple(jnp.zeros_like(ys) for _ in range(extras))
+        carry, (acts, ys, *extra) = _rewrite_loop(T, reverse, body, carry, bufs, unroll=2)
+        return carry, ys, acts, tuple(extra)
+    carry, (ys,) = _rewrite_loop(T, reverse, body, carry, (ys,), fetch=lambda t: (_at(zs, t),),
+                                 unroll=2)
+    return carry, ys, None, ()
+
+
 def _dot(a: Array, b: Array) -> Array:
     return jnp.dot(a, b, preferred_element_type=a.dtype)
 
@@ -294,20 +322,12 @@ def _lstm_cell(w_hh, b, h, c, zx):
 
 
 def _lstm_forward(reverse, b, w_hh, h0, c0, zs, save: bool):
-    T, B, _ = zs.shape
-    ys = jnp.zeros((T, B, h0.shape[-1]), h0.dtype)
+    def step(carry, z):
+        h, c, gates = _lstm_cell(w_hh, b, *carry, z)
+        return (h, c), h, jnp.concatenate(gates, axis=-1), (c,)
 
-    def body(t, carry, olds, got):
-        h, c, gates = _lstm_cell(w_hh, b, *carry, olds[0] if save else got[0])
-        return (h, c), ((jnp.concatenate(gates, axis=-1), h, c) if save else (h,))
-
-    if save:  # the activations overwrite the pre-activations
-        carry, (acts, ys, cs) = _rewrite_loop(T, reverse, body, (h0, c0),
-                                              (zs, ys, jnp.zeros_like(ys)), unroll=2)
-        return carry, ys, acts, cs
-    carry, (ys,) = _rewrite_loop(T, reverse, body, (h0, c0), (ys,),
-                                 fetch=lambda t: (_at(zs, t),), unroll=2)
-    return carry, ys, None, None
+    carry, ys, acts, extra = _forward_loop(reverse, step, (h0, c0), zs, save, extras=1)
+    return carry, ys, acts, (extra[0] if save else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -364,19 +384,12 @@ def _gru_cell(w_hh, b, b_hn, h, zx):
 
 
 def _gru_forward(reverse, b, w_hh, b_hn, h0, zs, save: bool):
-    T, B, _ = zs.shape
-    ys = jnp.zeros((T, B, h0.shape[-1]), h0.dtype)
+    def step(h, z):
+        h, (r, u, n, hn) = _gru_cell(w_hh, b, b_hn, h, z)
+        return h, h, jnp.concatenate([r, u, n], axis=-1), (hn,)
 
-    def body(t, h, olds, got):
-        h, (r, u, n, hn) = _gru_cell(w_hh, b, b_hn, h, olds[0] if save else got[0])
-        return h, ((jnp.concatenate([r, u, n], axis=-1), h, hn) if save else (h,))
-
-    if save:  # the activations overwrite the pre-activations
-        h, (acts, ys, hns) = _rewrite_loop(T, reverse, body, h0, (zs, ys, jnp.zeros_like(ys)),
-                                           unroll=2)
-        return h, ys, acts, hns
-    h, (ys,) = _rewrite_loop(T, reverse, body, h0, (ys,), fetch=lambda t: (_at(zs, t),), unroll=2)
-    return h, ys, None, None
+    h, ys, acts, extra = _forward_loop(reverse, step, h0, zs, save, extras=1)
+    return h, ys, acts, (extra[0] if save else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -433,19 +446,12 @@ def _gru_cho_cell(w_hh, b, h, zx):
 
 
 def _gru_cho_forward(reverse, b, w_hh, h0, zs, save: bool):
-    T, B, _ = zs.shape
-    ys = jnp.zeros((T, B, h0.shape[-1]), h0.dtype)
+    def step(h, z):
+        h, gates = _gru_cho_cell(w_hh, b, h, z)
+        return h, h, jnp.concatenate(gates, axis=-1), ()
 
-    def body(t, h, olds, got):
-        h, gates = _gru_cho_cell(w_hh, b, h, olds[0] if save else got[0])
-        return h, ((jnp.concatenate(gates, axis=-1), h) if save else (h,))
-
-    if save:  # the activations overwrite the pre-activations
-        h, (acts, ys) = _rewrite_loop(T, reverse, body, h0, (zs, ys), unroll=2)
-        return h, ys, acts
-    h, (ys,) = _rewrite_loop(T, reverse, body, h0, (ys,), fetch=lambda t: (_at(zs, t),),
-                             unroll=2)
-    return h, ys, None
+    h, ys, acts, _ = _forward_loop(reverse, step, h0, zs, save, extras=0)
+    return h, ys, acts
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
