@@ -127,10 +127,11 @@ def _rewrite_loop(T: int, reverse: bool, body: Callable, carry, bufs: tuple,
       fused into the gate arithmetic made a GRU H=256 forward step about 1.5x slower on
       XLA:CPU (``benchmarks/charlm.md``).
 
-    ``unroll`` steps run in each loop iteration (the last ``T % unroll`` after the loop):
-    XLA:CPU pays a fixed cost to run a loop body, which the steps share. The forward loops
-    use 2; the backward loops 1 (with 2, XLA copies their rewritten buffers every
-    iteration and a GRU backward ran 3.5x slower).
+    ``unroll`` steps run in each loop iteration: XLA:CPU pays a fixed cost to run a loop
+    body, which the steps share. The forward loops use 2; the backward loops 1 (with 2, XLA
+    copies their rewritten buffers every iteration and a GRU backward ran 3.5x slower). The
+    first ``T % unroll`` steps run before the loop (run after it, their writes made XLA
+    copy a whole buffer once).
 
     Returns:
       ``(carry, bufs)`` after the last step.
@@ -145,16 +146,18 @@ def _rewrite_loop(T: int, reverse: bool, body: Callable, carry, bufs: tuple,
         t_next = order(jnp.minimum(i + 1, T - 1))
         return carry, bufs, tuple(_at(b, t_next) for b in bufs), fetch(t_next)
 
+    rest = T % unroll  # these steps run first, outside the loop
+
     def steps(j, state):
         for k in range(unroll):
-            state = step(unroll * j + k, state)
+            state = step(rest + unroll * j + k, state)
         return state
 
     first = order(0)
     state = (carry, tuple(bufs), tuple(_at(b, first) for b in bufs), fetch(first))
-    state = jax.lax.fori_loop(0, T // unroll, steps, state)
-    for i in range(T - T % unroll, T):
+    for i in range(rest):
         state = step(i, state)
+    state = jax.lax.fori_loop(0, T // unroll, steps, state)
     return state[0], state[1]
 
 

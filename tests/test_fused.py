@@ -100,6 +100,20 @@ def test_float32_matches_plain_scan(name, reverse, batch):
     chex.assert_trees_all_close((f_carry, f_ys), (r_carry, r_ys), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 6])
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_every_length_matches_plain_scan(name, steps):
+    """Lengths below, at and between multiples of the two steps a forward-loop iteration
+    runs (an odd length runs its first step before the loop), both directions."""
+    cell, params, carry, xs, weights = setup(name, (3,), key=12, steps=steps)
+    for reverse in (False, True):
+        loss = make_loss(cell, weights, reverse)
+        (v_fused, g_fused) = grads(loss, (params, carry, xs), fused=True)
+        (v_plain, g_plain) = grads(loss, (params, carry, xs), fused=False)
+        np.testing.assert_allclose(v_fused, v_plain, rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(g_fused, g_plain, rtol=2e-5, atol=2e-5)
+
+
 def test_second_order_matches_plain_scan_float64():
     """Reverse over reverse (a Hessian-vector product) through the GRU kernel."""
     with jax.enable_x64(True):
