@@ -108,6 +108,10 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--devices", type=int, default=None, metavar="N",
                    help="shard each batch over N devices (default: all; with several "
                         "processes, all devices of all processes)")
+    g.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                   help="present the CPU to JAX as N devices, so that each batch is split "
+                        "into N programs that run side by side (2 on a 2-core machine trains "
+                        "the default H=256 char-RNN 1.2-1.3x faster: benchmarks/charlm.md)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="multi-host: address of process 0, for jax.distributed.initialize")
     g.add_argument("--num-processes", type=int, default=None, metavar="N",
@@ -120,4 +124,9 @@ def start_parallel(args: argparse.Namespace) -> None:
     from jaxseq import parallel
     if args.devices is not None and args.devices < 1:
         raise UsageError(f"--devices must be positive, got {args.devices}")
+    if args.cpu_devices is not None:
+        parallel.use_cpu_devices(args.cpu_devices)
+        if args.cpu_devices > 1:
+            from jaxseq._malloc import one_arena_for_devices
+            one_arena_for_devices()
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import resource
@@ -34,9 +35,11 @@ from typing import Any, Callable, Optional, Sequence
 
 VOCAB = 65  # Tiny Shakespeare's character set
 CELLS = ("rnn", "lstm", "gru")
-TRAIN_IMPLS = ("jaxseq", "jaxseq-notable", "jaxseq-bf16", "jaxseq-scan", "flax", "torch")
+TRAIN_IMPLS = ("jaxseq", "jaxseq-cores", "jaxseq-notable", "jaxseq-bf16", "jaxseq-scan",
+               "flax", "torch")
 SAMPLE_IMPLS = ("jaxseq", "jax-loop", "torch", "torch-native")
-_JAX_IMPLS = tuple(i for i in TRAIN_IMPLS if i != "torch")
+# In one process (the compile benchmark): every JAX implementation that runs on one device.
+_JAX_IMPLS = tuple(i for i in TRAIN_IMPLS if i not in ("torch", "jaxseq-cores"))
 _MARK = "@@bench "  # prefix of the worker's protocol lines on stdout
 
 
@@ -83,7 +86,8 @@ def _plain_model(model):
 
 def _build_jaxseq(spec: dict, fused: bool = True, table: bool = True):
     import jax
-    from jaxseq import charrnn
+    import numpy as np
+    from jaxseq import charrnn, parallel
     from jaxseq._fused import use_fused
 
     config = charrnn.CharRNNConfig(
@@ -96,9 +100,15 @@ def _build_jaxseq(spec: dict, fused: bool = True, table: bool = True):
     optimizer = charrnn.make_optimizer(config)
     state = charrnn.init_state(config, model, optimizer)
     inputs, targets = _tokens(spec)
-    inputs, targets = jax.device_put(inputs), jax.device_put(targets)
+    sharding = None
+    if len(jax.devices()) > 1:  # jaxseq-cores: data-parallel over the CPU cores
+        state, put = charrnn.shard_state(parallel.data_mesh(), state)
+        inputs, targets = put(np.asarray(inputs)), put(np.asarray(targets))
+        sharding = jax.tree.map(lambda x: x.sharding, state)
+    else:
+        inputs, targets = jax.device_put(inputs), jax.device_put(targets)
     with use_fused(fused):
-        step = charrnn.make_train_step(model, optimizer, config)
+        step = charrnn.make_train_step(model, optimizer, config, sharding)
         start = time.perf_counter()
         compiled = step.lower(state, inputs, targets, False).compile()
         compile_s = time.perf_counter() - start
@@ -159,8 +169,10 @@ def _build_flax(spec: dict):
 
 def _jax_device() -> str:
     import jax
-    d = jax.devices()[0]
-    return d.platform if d.platform == "cpu" else f"{d.platform}:{d.device_kind}"
+    devices = jax.devices()
+    d = devices[0]
+    name = d.platform if d.platform == "cpu" else f"{d.platform}:{d.device_kind}"
+    return name if len(devices) == 1 else f"{len(devices)}x {name}"
 
 
 def _torch_device(choice: str) -> str:
@@ -224,7 +236,7 @@ def train_device(spec: dict) -> str:
 def build_train_step(spec: dict) -> tuple[Callable[[], None], Optional[float]]:
     """``(run_step, compile_s)`` for ``spec['impl']`` (see ``TRAIN_IMPLS``)."""
     impl = spec["impl"]
-    if impl == "jaxseq":
+    if impl in ("jaxseq", "jaxseq-cores"):  # jaxseq-cores: worker_main made the devices
         return _build_jaxseq(spec, fused=True)
     if impl == "jaxseq-notable":
         return _build_jaxseq(spec, table=False)
@@ -256,6 +268,13 @@ def worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     if spec.get("cores"):
         os.sched_setaffinity(0, spec["cores"])  # before JAX or PyTorch size their thread pools
+    if spec["impl"] == "jaxseq-cores":
+        # One JAX CPU device per core this process may use, before JAX starts its backend,
+        # as `python -m experiments.charrnn --cpu-devices N` does.
+        from jaxseq import parallel
+        from jaxseq._malloc import one_arena_for_devices
+        parallel.use_cpu_devices(math.gcd(len(os.sched_getaffinity(0)), spec["batch"]))
+        one_arena_for_devices()
     import_rss = _peak_rss_mb()
     run_step, compile_s = build_train_step(spec)
     start = time.perf_counter()
@@ -385,8 +404,10 @@ class TrainBenchConfig:
                       choices=("rnn", "lstm", "gru", "all"))
     hidden: tuple[int, ...] = _flag((256, 512), "hidden sizes H (embedding width = H)")
     impl: tuple[str, ...] = _flag(
-        ("jaxseq", "flax", "torch"),
-        f"implementations, from {', '.join(TRAIN_IMPLS)} (jaxseq-notable: jaxseq without the "
+        ("jaxseq", "jaxseq-cores", "flax", "torch"),
+        f"implementations, from {', '.join(TRAIN_IMPLS)} (jaxseq-cores: jaxseq with the CPU "
+        f"presented as one JAX device per core and each batch split over them, as "
+        f"'experiments.charrnn --cpu-devices N' runs; jaxseq-notable: jaxseq without the "
         f"product-table lookup for the embedding and the first layer's input projection; "
         f"jaxseq-scan: jaxseq with the fused layers off, plain lax.scan autodiff); torch is "
         f"skipped with a note when PyTorch is not installed")
@@ -564,9 +585,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     if config.jaxseq_xla_flags:
         impls.append("jaxseq+flags")
     if config.in_process and (config.xla_flags or config.jaxseq_xla_flags or config.cores
-                              or config.malloc != "retain-jax"):
-        raise UsageError("--xla-flags, --jaxseq-xla-flags, --cores and --malloc need worker "
-                         "processes (drop --in-process)")
+                              or config.malloc != "retain-jax" or "jaxseq-cores" in impls):
+        raise UsageError("--xla-flags, --jaxseq-xla-flags, --cores, --malloc and "
+                         "jaxseq-cores need worker processes (drop --in-process)")
     groups = [(c, h) for h in config.hidden for c in _cells(config.cell)]
     out = sys.stderr if config.json else sys.stdout
     machine = _machine()

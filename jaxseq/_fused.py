@@ -40,6 +40,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxseq._cells import Array, Carry, Cell, LSTMState, Params
 
@@ -67,6 +68,33 @@ def use_fused(enabled: bool = True):
         yield
     finally:
         _state.enabled = previous
+
+
+@contextlib.contextmanager
+def data_parallel(mesh):
+    """Fused layers traced inside run under ``shard_map`` over ``mesh``'s first axis.
+
+    ``jaxseq.charrnn.make_train_step`` traces a data-parallel step inside it. Left to
+    XLA's sharding propagation, a fused layer on a batch-sharded input is not split: XLA
+    gathers the whole batch onto every device before the time loop (the loop's buffers are
+    reshaped in ways propagation does not follow), so each device runs the full batch. Under
+    ``shard_map`` each device runs the layer (projection, loop and backward pass) on its own
+    rows, and only the weight gradients are summed across devices.
+    """
+    previous = getattr(_state, "mesh", None)
+    _state.mesh = mesh
+    try:
+        yield
+    finally:
+        _state.mesh = previous
+
+
+def _batch_mesh(batch: tuple):
+    """The ``data_parallel`` mesh if one is active and ``batch[0]`` divides over it."""
+    mesh = getattr(_state, "mesh", None)
+    if mesh is None or mesh.size == 1 or not batch or batch[0] % mesh.size:
+        return None
+    return mesh
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -619,13 +647,33 @@ def _applicable(cell: Cell, params: Params, carry: Carry, dtype, batch: tuple, i
     return None if kind is None else KERNELS[kind]
 
 
-def _run(kernel, cell, params, carry, zs_of, T, batch, dtype, reverse):
-    B, H = math.prod(batch), cell.hidden_size
+def _run(kernel, cell, params, carry, zs_of, data, data_specs, T, batch, dtype, reverse):
+    """The fused layer on ``data`` (``zs_of(params, B, data)`` gives its projected inputs).
+
+    Inside ``data_parallel(mesh)`` with a batch that divides over the mesh it runs under
+    ``shard_map``, batch rows split over the mesh's first axis and parameters replicated
+    (their gradients are summed over devices by the ``shard_map`` transpose).
+    """
+    H = cell.hidden_size
     cast = jax.tree.map(lambda a: a.astype(dtype), params)
-    flat_carry = jax.tree.map(lambda l: l.reshape(B, H), carry)
-    new_carry, ys = kernel.run(cast, flat_carry, zs_of(cast, B), reverse)
-    new_carry = jax.tree.map(lambda l: l.reshape(*batch, H), new_carry)
-    return new_carry, ys.reshape(T, *batch, H)
+
+    def layer(cast, carry, data):
+        local = tuple(jax.tree.leaves(carry)[0].shape[:-1])  # this device's batch
+        B = math.prod(local)
+        flat_carry = jax.tree.map(lambda l: l.reshape(B, H), carry)
+        new_carry, ys = kernel.run(cast, flat_carry, zs_of(cast, B, data), reverse)
+        new_carry = jax.tree.map(lambda l: l.reshape(*local, H), new_carry)
+        return new_carry, ys.reshape(T, *local, H)
+
+    mesh = _batch_mesh(batch)
+    if mesh is None:
+        return layer(cast, carry, data)
+    rows = P(mesh.axis_names[0])
+    sharded = jax.shard_map(
+        layer, mesh=mesh,
+        in_specs=(P(), jax.tree.map(lambda _: rows, carry), data_specs(rows)),
+        out_specs=(jax.tree.map(lambda _: rows, carry), P(None, *rows)), check_vma=False)
+    return sharded(cast, carry, data)
 
 
 def fused_unroll(
@@ -650,8 +698,9 @@ def fused_unroll(
     kernel = _applicable(cell, params, carry, xs.dtype, batch, xs.shape[-1])
     if kernel is None:
         return None
-    zs_of = lambda p, B: _projection(xs.reshape(T, B, xs.shape[-1]), p.w_ih)
-    return _run(kernel, cell, params, carry, zs_of, T, batch, xs.dtype, reverse)
+    zs_of = lambda p, B, xs: _projection(xs.reshape(T, B, xs.shape[-1]), p.w_ih)
+    specs = lambda rows: P(None, *rows)  # xs: (T, batch, F)
+    return _run(kernel, cell, params, carry, zs_of, xs, specs, T, batch, xs.dtype, reverse)
 
 
 @jax.custom_vjp
@@ -718,8 +767,11 @@ def unroll_embedded(
         from jaxseq._unroll import unroll  # the general path (plain scan or fused layer)
         return unroll(cell, params, carry, table[tokens], reverse=reverse)
 
-    def zs_of(p, B):
+    def zs_of(p, B, data):
+        table, tokens = data
         product = _dot(table, p.w_ih)  # (V, G*H)
         return _rows(product, tokens.reshape(T * B)).reshape(T, B, -1)
 
-    return _run(kernel, cell, params, carry, zs_of, T, batch, table.dtype, reverse)
+    specs = lambda rows: (P(), P(None, *rows))  # table, tokens: (T, batch)
+    return _run(kernel, cell, params, carry, zs_of, (table, tokens), specs, T, batch,
+                table.dtype, reverse)

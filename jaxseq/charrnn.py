@@ -26,6 +26,7 @@ import optax
 
 from jaxseq import checkpoint as ckpt
 from jaxseq import parallel
+from jaxseq._fused import data_parallel
 from jaxseq.data import CharVocab, train_val_split
 from jaxseq.errors import UsageError
 from jaxseq.models import CharLM, char_lm, count_params, cross_entropy
@@ -234,7 +235,24 @@ def make_train_step(model: CharLM, optimizer, config: CharRNNConfig,
     if state_sharding is None:
         return jax.jit(train_step)
     mesh = jax.tree.leaves(state_sharding)[0].mesh
-    return jax.jit(train_step, out_shardings=(state_sharding, parallel.replicated(mesh)))
+
+    def sharded_step(*args):
+        with data_parallel(mesh):
+            return train_step(*args)
+
+    return jax.jit(sharded_step, out_shardings=(state_sharding, parallel.replicated(mesh)))
+
+
+def shard_state(mesh, state: TrainState) -> tuple[TrainState, Callable]:
+    """``state`` placed for data parallelism over ``mesh`` (parameters, optimizer state, step
+    and key replicated; the carried hidden state split by batch row), and the function that
+    places a ``(T, B)`` batch of tokens likewise."""
+    state = TrainState(params=parallel.replicate(mesh, state.params),
+                       opt_state=parallel.replicate(mesh, state.opt_state),
+                       carry=parallel.shard_tree(mesh, state.carry, axis=0),
+                       step=parallel.replicate(mesh, state.step),
+                       key=parallel.replicate(mesh, state.key))
+    return state, lambda a: parallel.shard_batch(mesh, a, axis=1)
 
 
 def make_evaluator(model: CharLM, val: np.ndarray, *, seq: int, streams: int = 32) -> Callable:
@@ -433,12 +451,7 @@ def train(
     if mesh is not None and mesh.size > 1:
         if config.batch % mesh.size:
             raise UsageError(f"--batch {config.batch} must divide evenly over {mesh.size} devices")
-        state = TrainState(params=parallel.replicate(mesh, state.params),
-                           opt_state=parallel.replicate(mesh, state.opt_state),
-                           carry=parallel.shard_tree(mesh, state.carry, axis=0),
-                           step=parallel.replicate(mesh, state.step),
-                           key=parallel.replicate(mesh, state.key))
-        put_batch = lambda a: parallel.shard_batch(mesh, a, axis=1)
+        state, put_batch = shard_state(mesh, state)
         train_step = make_train_step(model, optimizer, config,
                                      jax.tree.map(lambda x: x.sharding, state))
     else:

@@ -44,13 +44,17 @@ def test_charlm_in_process_every_implementation(capsys):
 
 
 def test_charlm_worker_processes_report_their_own_rss(capsys):
-    impls = ["jaxseq"] + (["torch"] if HAS_TORCH else [])
+    impls = ["jaxseq", "jaxseq-cores"] + (["torch"] if HAS_TORCH else [])
     assert bench.main(["charlm", *TINY, "--cell", "lstm", "--impl", *impls]) == 0
     captured = capsys.readouterr()
     records = json_lines(captured.out)
     assert [r["impl"] for r in records] == impls
     assert all(r["rss_mode"] == "worker" and r["peak_rss_mb"] > 50 for r in records)
-    assert [r["malloc"] for r in records] == ["retain"] + (["default"] if HAS_TORCH else [])
+    assert [r["malloc"] for r in records] == ["retain"] * 2 + (["default"] if HAS_TORCH else [])
+    # jaxseq-cores: one JAX device per usable core (that divides the batch of 4)
+    cores = math.gcd(len(os.sched_getaffinity(0)), 4)
+    assert records[0]["device"] == "cpu"
+    assert records[1]["device"] == ("cpu" if cores == 1 else f"{cores}x cpu")
     assert "chars/s" in captured.err  # the table goes to stderr with --json
 
 

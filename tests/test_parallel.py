@@ -87,3 +87,54 @@ def test_two_processes_match_one(corpus, single, tmp_path, free_port):
     # only process 0 logs the evaluation
     assert "validation" in results[0][1] and "validation" not in results[1][1]
     assert_same_run(single, out, 1e-5)
+
+
+# A data-parallel step compiled for 4 devices; prints its per-device HLO. T=6, global batch
+# 12 (3 rows per device), hidden 16, embedding 8, vocabulary 11: no other array has a
+# (6, 12, ...) or (6, 3, ...) shape.
+SPLIT_STEP = """
+import sys
+import jax, numpy as np
+from jaxseq import charrnn, parallel
+cell, dropout = sys.argv[1], float(sys.argv[2])
+config = charrnn.CharRNNConfig(cell=cell, layers=2, hidden=16, embed=8, batch=12, seq=6,
+                               dropout=dropout)
+model = charrnn.build_model(config, 11)
+optimizer = charrnn.make_optimizer(config)
+state, put = charrnn.shard_state(parallel.data_mesh(),
+                                 charrnn.init_state(config, model, optimizer))
+step = charrnn.make_train_step(model, optimizer, config,
+                               jax.tree.map(lambda x: x.sharding, state))
+tokens = put(np.zeros((6, 12), np.int32))
+print(step.lower(state, tokens, tokens, False).compile().as_text())
+"""
+
+
+@pytest.mark.parametrize("cell, dropout", [("gru", 0.0), ("lstm", 0.1)])
+def test_each_device_runs_the_recurrent_layers_on_its_own_rows(cell, dropout):
+    """The fused layers (table-lookup path without dropout, plain path with it) run on 3 rows
+    per device: no whole-batch (6, 12, ...) activation and no all-gather in the program."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", SPLIT_STEP, cell, str(dropout)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    hlo = proc.stdout
+    assert "while" in hlo and "[6,3," in hlo  # the time loops, over this device's rows
+    assert "[6,12," not in hlo
+    assert "all-gather" not in hlo and "all-reduce" in hlo  # only gradients are combined
+
+
+def test_cpu_devices_flag_splits_the_cpu_and_matches_one_device(corpus, single, tmp_path):
+    out = tmp_path / "cores"
+    proc = run_cli(["--data", corpus, "--out", out, *ARGS, "--cpu-devices", 2])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "2 cpu device(s)" in err
+    assert_same_run(single, out, 1e-5)
+
+
+def test_cpu_devices_must_be_positive(corpus, tmp_path):
+    proc = run_cli(["--data", corpus, "--out", tmp_path / "r", *ARGS, "--cpu-devices", 0])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "--cpu-devices must be positive" in err
+    assert "Traceback" not in err
