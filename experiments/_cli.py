@@ -109,9 +109,10 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="shard each batch over N devices (default: all; with several "
                         "processes, all devices of all processes)")
     g.add_argument("--cpu-devices", type=int, default=None, metavar="N",
-                   help="present the CPU to JAX as N devices, so that each batch is split "
-                        "into N programs that run side by side (2 on a 2-core machine trains "
-                        "the default H=256 char-RNN 1.2-1.3x faster: benchmarks/charlm.md)")
+                   help="present the CPU to JAX as N devices and split each batch over "
+                        "them, N programs side by side (pays for small models on few cores: "
+                        "2 on a 2-core machine, H=256 char-RNN GRU ~1.2x; "
+                        "benchmarks/charlm.md)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="multi-host: address of process 0, for jax.distributed.initialize")
     g.add_argument("--num-processes", type=int, default=None, metavar="N",
