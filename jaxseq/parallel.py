@@ -55,7 +55,9 @@ def use_cpu_devices(n: int) -> None:
     single device is as fast or faster; ``benchmarks/charlm.md``). It sets
     ``jax_num_cpu_devices``, which JAX reads when it starts its CPU backend, so call it
     before the first computation; it has no effect on which backend is the default (on a
-    GPU machine the GPUs stay the devices of ``data_mesh``).
+    GPU machine the GPUs stay the devices of ``data_mesh``). The command lines also put
+    every thread on one malloc arena (``jaxseq._malloc.one_arena_for_devices``), without
+    which the devices' temporaries may be page-faulted in afresh on every step.
     """
     if n < 1:
         raise UsageError(f"--cpu-devices must be positive, got {n}")
