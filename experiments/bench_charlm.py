@@ -273,8 +273,10 @@ def worker_main(spec_json: str) -> int:
         # as `python -m experiments.charrnn --cpu-devices N` does.
         from jaxseq import parallel
         from jaxseq._malloc import one_arena_for_devices
-        parallel.use_cpu_devices(math.gcd(len(os.sched_getaffinity(0)), spec["batch"]))
-        one_arena_for_devices()
+        devices = math.gcd(len(os.sched_getaffinity(0)), spec["batch"])
+        parallel.use_cpu_devices(devices)
+        if devices > 1:
+            one_arena_for_devices()
     import_rss = _peak_rss_mb()
     run_step, compile_s = build_train_step(spec)
     start = time.perf_counter()
