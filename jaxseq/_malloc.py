@@ -71,11 +71,11 @@ def one_arena_for_devices() -> bool:
 
     Each device runs its program on a JAX worker thread, and the temporaries it allocates
     there come from that thread's malloc arena, whose heaps are at most 64 MiB and are
-    unmapped when they fall empty: then every step faults its temporaries in afresh (H=256
-    GRU, batch 32 per device, 100 steps: ~23,000 faults and 1.4x the time per step). With
-    one arena they come from the main heap, which ``retain_freed_memory`` keeps. The cost:
-    XLA's compiler threads share that arena (compiles ~0.7-1.6 s slower here). Call it
-    after ``retain_freed_memory`` and before JAX starts any thread.
+    unmapped when they fall empty: then every step may fault its temporaries in afresh
+    (H=256 GRU, batch 32 per device, 100 steps: ~23,000 faults per step, steps up to 1.7x
+    slower). With one arena they come from the main heap, which ``retain_freed_memory``
+    keeps. The cost: XLA's compiler threads share that arena (compiles 0-1.6 s slower in
+    the runs here). Call it after ``retain_freed_memory`` and before JAX starts any thread.
     """
     if not _done:
         return False

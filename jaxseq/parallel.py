@@ -50,25 +50,24 @@ def use_cpu_devices(n: int) -> None:
     """Present the host CPU to JAX as ``n`` devices, so that a data-parallel run on it splits
     each batch into ``n`` programs that run side by side.
 
-    On a 2-core machine, a 2-layer H=256 model with batch 64 trains 1.2-1.3x faster this
-    way than as one device whose every matmul is split over both cores (at H=512 the
-    single device is as fast or faster; ``benchmarks/charlm.md``). It sets
-    ``jax_num_cpu_devices``, which JAX reads when it starts its CPU backend, so call it
-    before the first computation; it has no effect on which backend is the default (on a
-    GPU machine the GPUs stay the devices of ``data_mesh``). The command lines also put
-    every thread on one malloc arena (``jaxseq._malloc.one_arena_for_devices``), without
-    which the devices' temporaries may be page-faulted in afresh on every step.
+    On a 2-core machine the 2-layer H=256 GRU char LM (batch 64) trains about 1.2x faster
+    this way than as one device whose every matmul is split over both cores; at H=512 the
+    two are about as fast (``benchmarks/charlm.md``). It sets ``jax_num_cpu_devices``,
+    which JAX reads when it starts its CPU backend, so call it before the first
+    computation; it does not change the default backend (on a GPU machine the GPUs stay
+    the devices of ``data_mesh``). The command lines also put every thread on one malloc
+    arena (``jaxseq._malloc.one_arena_for_devices``), without which the devices'
+    temporaries may be page-faulted in afresh on every step.
     """
     if n < 1:
         raise UsageError(f"--cpu-devices must be positive, got {n}")
-    from jax._src import xla_bridge
-    if xla_bridge.backends_are_initialized():
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # the backend has started: fine if it already has n devices
         have = len(jax.devices("cpu"))
         if have != n:
             raise UsageError(f"--cpu-devices {n}: JAX's CPU backend already started with "
-                             f"{have} device(s)")
-        return
-    jax.config.update("jax_num_cpu_devices", n)
+                             f"{have} device(s)") from None
 
 
 def is_main_process() -> bool:
