@@ -121,13 +121,19 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="multi-host: this process's index (0 writes checkpoints and logs)")
 
 
+def split_cpu(devices: int) -> None:
+    """``--cpu-devices``: the CPU as ``devices`` JAX devices, all threads on one malloc arena
+    (``jaxseq._malloc.one_arena_for_devices``). Before JAX starts its backend."""
+    from jaxseq import parallel
+    from jaxseq._malloc import one_arena_for_devices
+    parallel.use_cpu_devices(devices)
+    one_arena_for_devices(devices)
+
+
 def start_parallel(args: argparse.Namespace) -> None:
     from jaxseq import parallel
     if args.devices is not None and args.devices < 1:
         raise UsageError(f"--devices must be positive, got {args.devices}")
     if args.cpu_devices is not None:
-        parallel.use_cpu_devices(args.cpu_devices)
-        if args.cpu_devices > 1:
-            from jaxseq._malloc import one_arena_for_devices
-            one_arena_for_devices()
+        split_cpu(args.cpu_devices)
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)

@@ -101,7 +101,7 @@ def _build_jaxseq(spec: dict, fused: bool = True, table: bool = True):
     state = charrnn.init_state(config, model, optimizer)
     inputs, targets = _tokens(spec)
     sharding = None
-    if len(jax.devices()) > 1:  # jaxseq-cores: data-parallel over the CPU cores
+    if len(jax.devices()) > 1:  # jaxseq-cores (or several GPUs): data-parallel, as charrnn
         state, put = charrnn.shard_state(parallel.data_mesh(), state)
         inputs, targets = put(np.asarray(inputs)), put(np.asarray(targets))
         sharding = jax.tree.map(lambda x: x.sharding, state)
@@ -271,12 +271,8 @@ def worker_main(spec_json: str) -> int:
     if spec["impl"] == "jaxseq-cores":
         # One JAX CPU device per core this process may use, before JAX starts its backend,
         # as `python -m experiments.charrnn --cpu-devices N` does.
-        from jaxseq import parallel
-        from jaxseq._malloc import one_arena_for_devices
-        devices = math.gcd(len(os.sched_getaffinity(0)), spec["batch"])
-        parallel.use_cpu_devices(devices)
-        if devices > 1:
-            one_arena_for_devices()
+        from experiments._cli import split_cpu
+        split_cpu(math.gcd(len(os.sched_getaffinity(0)), spec["batch"]))
     import_rss = _peak_rss_mb()
     run_step, compile_s = build_train_step(spec)
     start = time.perf_counter()

@@ -34,6 +34,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _done = False
+_mallopt = None  # glibc's mallopt, once retain_freed_memory has found it
 
 
 def retain_freed_memory() -> bool:
@@ -44,7 +45,7 @@ def retain_freed_memory() -> bool:
     the dispatch mode is fixed when JAX creates its CPU client. Does nothing (returns False)
     on other C libraries or platforms, or when ``JAXSEQ_MALLOC=default`` is set.
     """
-    global _done
+    global _done, _mallopt
     if _done:
         return True
     if (os.environ.get("JAXSEQ_MALLOC", "").lower() == "default"
@@ -61,13 +62,14 @@ def retain_freed_memory() -> bool:
     if ok:
         import jax
         jax.config.update("jax_cpu_enable_async_dispatch", False)
+        _mallopt = mallopt
     _done = ok
     return ok
 
 
-def one_arena_for_devices() -> bool:
+def one_arena_for_devices(devices: int) -> bool:
     """With several CPU devices (``parallel.use_cpu_devices``), serve every thread from the
-    main heap too; True if it took.
+    main heap too; True if it took (nothing to do for one device).
 
     Each device runs its program on a JAX worker thread, and the temporaries it allocates
     there come from that thread's malloc arena, whose heaps are at most 64 MiB and are
@@ -77,8 +79,6 @@ def one_arena_for_devices() -> bool:
     keeps. The cost: XLA's compiler threads share that arena (compiles 0-1.6 s slower in
     the runs here). Call it after ``retain_freed_memory`` and before JAX starts any thread.
     """
-    if not _done:
+    if devices <= 1 or _mallopt is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return libc.mallopt(_M_ARENA_MAX, 1) == 1
+    return _mallopt(_M_ARENA_MAX, 1) == 1
