@@ -75,9 +75,10 @@ def _plain_model(model):
 
     net, dtype = model.network, model.compute_dtype
 
-    def apply(params, carry, tokens, *, dropout_key=None):
+    def apply(params, carry, tokens, *, dropout_key=None, impl="auto", mesh=None):
         rnn = jax.tree.map(lambda p: p.astype(dtype), params.rnn)
-        carry, hs = net.apply(rnn, carry, params.embed.astype(dtype)[tokens])
+        carry, hs = net.apply(rnn, carry, params.embed.astype(dtype)[tokens], impl=impl,
+                              mesh=mesh)
         logits = hs @ params.w_out.astype(dtype) + params.b_out.astype(dtype)
         return carry, logits.astype(jnp.float32)
 
@@ -88,7 +89,6 @@ def _build_jaxseq(spec: dict, fused: bool = True, table: bool = True):
     import jax
     import numpy as np
     from jaxseq import charrnn, parallel
-    from jaxseq._fused import use_fused
 
     config = charrnn.CharRNNConfig(
         cell=spec["cell"], layers=spec["layers"], hidden=spec["hidden"], embed=spec["hidden"],
@@ -100,18 +100,18 @@ def _build_jaxseq(spec: dict, fused: bool = True, table: bool = True):
     optimizer = charrnn.make_optimizer(config)
     state = charrnn.init_state(config, model, optimizer)
     inputs, targets = _tokens(spec)
-    sharding = None
+    mesh = None
     if len(jax.devices()) > 1:  # jaxseq-cores (or several GPUs): data-parallel, as charrnn
-        state, put = charrnn.shard_state(parallel.data_mesh(), state)
+        mesh = parallel.data_mesh()
+        state, put = charrnn.shard_state(mesh, state)
         inputs, targets = put(np.asarray(inputs)), put(np.asarray(targets))
-        sharding = jax.tree.map(lambda x: x.sharding, state)
     else:
         inputs, targets = jax.device_put(inputs), jax.device_put(targets)
-    with use_fused(fused):
-        step = charrnn.make_train_step(model, optimizer, config, sharding)
-        start = time.perf_counter()
-        compiled = step.lower(state, inputs, targets, False).compile()
-        compile_s = time.perf_counter() - start
+    step = charrnn.make_train_step(model, optimizer, config, impl="auto" if fused else "scan",
+                                   mesh=mesh)
+    start = time.perf_counter()
+    compiled = step.lower(state, inputs, targets, False).compile()
+    compile_s = time.perf_counter() - start
     box = [state]
 
     def run_step():

@@ -1,8 +1,9 @@
 """jaxseq: pure-functional recurrent sequence models in JAX.
 
-Cells are pure functions over explicit parameter pytrees; ``unroll`` scans one over time
-with the input projection hoisted out of the loop; ``stack`` builds deep and
-bidirectional networks.
+Cells are pure functions over explicit parameter pytrees; ``unroll`` runs one over time,
+as a ``lax.scan`` with the input projection hoisted out of the loop (``impl="scan"``) or as
+the cell's fused kernel with a hand-written backward pass (``impl="fused"``; ``"auto"``
+picks it when the cell has one); ``stack`` builds deep and bidirectional networks.
 
     >>> import jax, jax.numpy as jnp, jaxseq
     >>> cell = jaxseq.lstm(32)
@@ -31,7 +32,7 @@ from jaxseq._interop import (
     from_flax_linen_params,
     from_torch_state_dict,
 )
-from jaxseq._unroll import Stack, reference_unroll, stack, unroll
+from jaxseq._unroll import IMPLS, Stack, reference_unroll, stack, unroll, unroll_embedded
 from jaxseq.errors import UsageError
 
 __version__ = "0.1.0"
@@ -41,7 +42,4 @@ __all__ = [
     "UsageError", "gru", "lstm", "make_cell", "reference_unroll", "rnn", "stack", "unroll",
 ]
 __all__ += ["FlaxCell", "TorchRNNInfo", "from_flax_linen_params", "from_torch_state_dict"]
-
-from jaxseq._fused import unroll_embedded, use_fused
-
-__all__ += ["unroll_embedded", "use_fused"]
+__all__ += ["IMPLS", "unroll_embedded"]

@@ -44,6 +44,11 @@ class Cell(NamedTuple):
       hidden_size: H.
       name: ``"rnn"``, ``"lstm"`` or ``"gru"``.
       num_gates: G, the number of H-wide blocks in the fused matrices.
+      kernel: the name of the fused kernel in ``jaxseq._fused.KERNELS`` that computes
+        exactly this cell's equations (``"rnn_tanh"``, ``"rnn_relu"``, ``"lstm"``, ``"gru"``,
+        ``"gru_cho"``), set by the factory; ``None`` for a cell that has none. A cell whose
+        ``step`` or ``project`` is replaced must also drop its tag
+        (``cell._replace(step=..., kernel=None)``): ``unroll(impl="auto")`` trusts it.
     """
 
     init: Callable[[PRNGKey, int], Params]
@@ -54,6 +59,7 @@ class Cell(NamedTuple):
     hidden_size: int
     name: str
     num_gates: int
+    kernel: Optional[str] = None
 
 
 class RNNParams(NamedTuple):
@@ -150,7 +156,8 @@ def rnn(hidden_size: int, *, activation: str = "tanh", param_dtype=jnp.float32) 
     def apply(params: RNNParams, h: Array, x: Array) -> tuple[Array, Array]:
         return step(params, h, _project(params, x))
 
-    return Cell(init, apply, _zeros_carry(H), _project, step, H, "rnn", 1)
+    return Cell(init, apply, _zeros_carry(H), _project, step, H, "rnn", 1,
+                kernel=f"rnn_{activation}")
 
 
 def lstm(hidden_size: int, *, forget_bias: float = 1.0, param_dtype=jnp.float32) -> Cell:
@@ -199,7 +206,7 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, param_dtype=jnp.float32)
     def apply(params: LSTMParams, carry: LSTMState, x: Array) -> tuple[LSTMState, Array]:
         return step(params, carry, _project(params, x))
 
-    return Cell(init, apply, initial_carry, _project, step, H, "lstm", 4)
+    return Cell(init, apply, initial_carry, _project, step, H, "lstm", 4, kernel="lstm")
 
 
 def gru(hidden_size: int, *, reset_after: bool = True, param_dtype=jnp.float32) -> Cell:
@@ -265,7 +272,8 @@ def gru(hidden_size: int, *, reset_after: bool = True, param_dtype=jnp.float32) 
     def apply(params: GRUParams, h: Array, x: Array) -> tuple[Array, Array]:
         return step(params, h, _project(params, x))
 
-    return Cell(init, apply, _zeros_carry(H), _project, step, H, "gru", 3)
+    return Cell(init, apply, _zeros_carry(H), _project, step, H, "gru", 3,
+                kernel="gru" if reset_after else "gru_cho")
 
 
 CELLS = {"rnn": rnn, "lstm": lstm, "gru": gru}

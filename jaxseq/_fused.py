@@ -14,87 +14,32 @@ whole of ``unroll`` (input projection included) that does what cuDNN does instea
 * after the loop ``dW_hh = sum_t h_{t-1}^T dz_t``, ``dW_ih = sum_t x_t^T dz_t`` and
   ``dxs = dz @ W_ih^T`` are ONE large matmul each, and ``db`` one matrix-vector product.
 
-``unroll`` calls ``fused_unroll``, which recognises jaxseq's own cells (vanilla RNN with
-tanh or relu, LSTM, GRU in both conventions; see ``builtin_kind``) and returns ``None``,
-meaning plain ``lax.scan``, for anything else: other cells, ``seq_lengths`` masking (handled
-by ``unroll`` before it gets here), a carry whose dtype differs from the inputs', or when the
-layers are switched off with ``use_fused(False)``.
+This module is a leaf under ``_cells.py``: it never imports the time loop. ``unroll``
+(``_unroll.py``) runs a fused layer when asked with ``impl="fused"``, or with
+``impl="auto"`` when the cell's factory tagged it with a kernel (``Cell.kernel``, one of
+``KERNELS``) and ``unsupported(...)`` finds nothing in the way; otherwise it runs the
+readable ``lax.scan`` of ``cell.step``.
 
-Mixed precision works as in the plain path: the layer computes in the dtype of ``xs`` (the
+Mixed precision works as in the scan: the layer computes in the dtype of ``xs`` (the
 parameters are cast to it, and their gradients flow back through the cast); the weight
 gradient matmuls accumulate in float32.
 
 The layers support reverse-mode differentiation to any order (their backward pass is plain
-JAX); forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a ``custom_vjp``, so code
-that needs it runs under ``with use_fused(False):``.
+JAX); forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not defined for a
+``custom_vjp``, so code that needs it passes ``impl="scan"``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import threading
 from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxseq._cells import Array, Carry, Cell, LSTMState, Params
-
-_state = threading.local()
-
-
-def fused_enabled() -> bool:
-    """Whether ``unroll`` may use the fused kernels (default: yes)."""
-    return getattr(_state, "enabled", True)
-
-
-@contextlib.contextmanager
-def use_fused(enabled: bool = True):
-    """Context manager that switches the fused kernels on or off for code traced inside it.
-
-    The choice is made when a function is traced, so wrap the first call of a jitted
-    function (or the ``jax.jit`` trace) in it::
-
-        with jaxseq.use_fused(False):   # plain lax.scan autodiff, e.g. for jax.jvp
-            jax.jvp(f, primals, tangents)
-    """
-    previous = fused_enabled()
-    _state.enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _state.enabled = previous
-
-
-@contextlib.contextmanager
-def data_parallel(mesh):
-    """Fused layers traced inside run under ``shard_map`` over ``mesh``'s first axis.
-
-    ``jaxseq.charrnn.make_train_step`` traces a data-parallel step inside it. Left to
-    XLA's sharding propagation, a fused layer on a batch-sharded input is not split: XLA
-    gathers the whole batch onto every device before the time loop (the loop's buffers are
-    reshaped in ways propagation does not follow), so each device runs the full batch. Under
-    ``shard_map`` each device runs the layer (projection, loop and backward pass) on its own
-    rows, and only the weight gradients are summed across devices.
-    """
-    previous = getattr(_state, "mesh", None)
-    _state.mesh = mesh
-    try:
-        yield
-    finally:
-        _state.mesh = previous
-
-
-def _batch_mesh(batch: tuple):
-    """The ``data_parallel`` mesh if one is active and ``batch[0]`` divides over it."""
-    mesh = getattr(_state, "mesh", None)
-    if mesh is None or mesh.size == 1 or not batch or batch[0] % mesh.size:
-        return None
-    return mesh
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -526,185 +471,7 @@ def _gru_cho_core_bwd(reverse, res, cts):
 _gru_cho_core.defvjp(_gru_cho_core_fwd, _gru_cho_core_bwd)
 
 
-# ----------------------------------------------------------------------------- dispatch
-
-
-class _Kernel(NamedTuple):
-    """How one built-in recurrence maps onto a fused layer.
-
-    ``step(params, carry, x)`` is one step computed by the kernel's own cell function (the
-    one its loops use); the tests check it against the cell's ``step(project(x))``.
-    ``run(params, carry, zs, reverse)`` is the fused loop over the bias-free projected inputs
-    ``zs: (T, B, G*H)``. Both take params already cast to the compute dtype.
-    """
-
-    name: str
-    step: Callable[[Params, Carry, Array], Carry]
-    run: Callable[[Params, Carry, Array, bool], tuple[Carry, Array]]
-
-
-def _one(p, x: Array) -> Array:
-    """The bias-free projection of a single step ``x: (B, F)``, as the layers compute it."""
-    return _project(x[None], p.w_ih)[0]
-
-
-def _rnn_kernel(act: str) -> _Kernel:
-    return _Kernel(
-        name=f"rnn_{act}",
-        step=lambda p, h, x: _rnn_cell(act, p.w_hh, p.b, h, _one(p, x)),
-        run=lambda p, h, zs, rev: _rnn_core(act, rev, p.b, p.w_hh, h, zs),
-    )
-
-
-def _lstm_run(p, carry, zs, rev):
-    (h, c), ys = _lstm_core(rev, p.b, p.w_hh, carry.h, carry.c, zs)
-    return LSTMState(h=h, c=c), ys
-
-
-KERNELS = {
-    k.name: k for k in (
-        _rnn_kernel("tanh"),
-        _rnn_kernel("relu"),
-        _Kernel(
-            name="lstm",
-            step=lambda p, s, x: LSTMState(*_lstm_cell(p.w_hh, p.b, s.h, s.c, _one(p, x))[:2]),
-            run=_lstm_run,
-        ),
-        _Kernel(
-            name="gru",
-            step=lambda p, h, x: _gru_cell(p.w_hh, p.b, p.b_hn, h, _one(p, x))[0],
-            run=lambda p, h, zs, rev: _gru_core(rev, p.b, p.w_hh, p.b_hn, h, zs),
-        ),
-        _Kernel(
-            name="gru_cho",
-            step=lambda p, h, x: _gru_cho_cell(p.w_hh, p.b, h, _one(p, x))[0],
-            run=lambda p, h, zs, rev: _gru_cho_core(rev, p.b, p.w_hh, h, zs),
-        ),
-    )
-}
-
-
-def builtin_kind(cell: Cell, params: Params) -> Optional[str]:
-    """The name of the kernel for one of jaxseq's own cells, or ``None`` for any other cell.
-
-    A cell is recognised by its code, at no cost at trace time: its ``step`` and
-    ``project`` must be the functions that ``jaxseq.rnn/lstm/gru`` build (a cell with a
-    replaced ``step`` or ``project``, or one written elsewhere, is not recognised and runs
-    as a plain scan). The vanilla RNN's activation is read from the step's closure and the
-    GRU convention from whether the step reads ``b_hn``; ``tests/test_fused.py`` checks
-    every kernel against the cell it stands for.
-    """
-    step, project = cell.step, cell.project
-    if (getattr(step, "__module__", None) != "jaxseq._cells"
-            or getattr(project, "__module__", None) != "jaxseq._cells"
-            or getattr(project, "__qualname__", None) != "_project"):
-        return None
-    name = getattr(step, "__qualname__", "")
-    code = step.__code__
-    closure = dict(zip(code.co_freevars, (c.cell_contents for c in step.__closure__ or ())))
-    if name == "rnn.<locals>.step" and cell.name == "rnn":
-        act = closure.get("act")
-        return "rnn_tanh" if act is jnp.tanh else "rnn_relu" if act is jax.nn.relu else None
-    if name == "lstm.<locals>.step" and cell.name == "lstm":
-        return "lstm"
-    if name == "gru.<locals>.step" and cell.name == "gru":
-        reset_after = "b_hn" in code.co_names
-        if reset_after != (getattr(params, "b_hn", None) is not None):
-            return None
-        return "gru" if reset_after else "gru_cho"
-    return None
-
-
-def probe_matches(kernel: _Kernel, cell: Cell, params: Params, carry: Carry) -> bool:
-    """Whether ``kernel.step`` and the cell's ``step(project(x))`` agree on random float32
-    inputs (non-zero biases included): the check behind ``builtin_kind`` in the tests."""
-    rng = np.random.default_rng(0)
-    batch, H = 3, cell.hidden_size
-    draw = lambda shape: jnp.asarray(rng.normal(0.0, 0.7, shape).astype(np.float32))
-    p = jax.tree.map(lambda a: draw(a.shape), params)
-    c = jax.tree.map(lambda a: draw((batch, H)), carry)
-    x = draw((batch, p.w_ih.shape[0]))
-    want, _ = cell.step(p, c, cell.project(p, x))
-    got = kernel.step(p, c, x)
-    return jax.tree.structure(want) == jax.tree.structure(got) and all(
-        a.shape == b.shape and np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
-
-
-def _applicable(cell: Cell, params: Params, carry: Carry, dtype, batch: tuple, in_size: int):
-    """The kernel for this call, or ``None`` when the plain scan must run."""
-    if not fused_enabled() or not jnp.issubdtype(dtype, jnp.floating):
-        return None
-    leaves = jax.tree.leaves(carry)
-    H = cell.hidden_size
-    if not leaves or any(l.dtype != dtype or tuple(l.shape) != (*batch, H) for l in leaves):
-        return None
-    if math.prod(batch) == 0 or not hasattr(params, "w_ih") or not hasattr(params, "w_hh"):
-        return None
-    if params.w_ih.ndim != 2 or params.w_ih.shape[0] != in_size:
-        return None
-    kind = builtin_kind(cell, params)
-    return None if kind is None else KERNELS[kind]
-
-
-def _run(kernel, cell, params, carry, zs_of, data, data_specs, T, batch, dtype, reverse):
-    """The fused layer on ``data`` (``zs_of(params, B, data)`` gives its projected inputs).
-
-    Inside ``data_parallel(mesh)`` with a batch that divides over the mesh it runs under
-    ``shard_map``, batch rows split over the mesh's first axis and parameters replicated
-    (their gradients are summed over devices by the ``shard_map`` transpose).
-    """
-    H = cell.hidden_size
-    cast = jax.tree.map(lambda a: a.astype(dtype), params)
-
-    def layer(cast, carry, data):
-        local = tuple(jax.tree.leaves(carry)[0].shape[:-1])  # this device's batch
-        B = math.prod(local)
-        flat_carry = jax.tree.map(lambda l: l.reshape(B, H), carry)
-        new_carry, ys = kernel.run(cast, flat_carry, zs_of(cast, B, data), reverse)
-        new_carry = jax.tree.map(lambda l: l.reshape(*local, H), new_carry)
-        return new_carry, ys.reshape(T, *local, H)
-
-    mesh = _batch_mesh(batch)
-    if mesh is None:
-        return layer(cast, carry, data)
-    rows = P(mesh.axis_names[0])
-    # check_vma=False: the loops start their carries from replicated values (zeros, the
-    # read-only buffers they prefetch), which per-device type checking would reject.
-    # Gradients of the replicated parameters are still summed over devices (the
-    # 4-device tests match one device to 1e-5).
-    sharded = jax.shard_map(
-        layer, mesh=mesh,
-        in_specs=(P(), jax.tree.map(lambda _: rows, carry), data_specs(rows)),
-        out_specs=(jax.tree.map(lambda _: rows, carry), P(None, *rows)), check_vma=False)
-    return sharded(cast, carry, data)
-
-
-def fused_unroll(
-    cell: Cell, params: Params, carry: Carry, xs: Array, reverse: bool
-) -> Optional[tuple[Carry, Array]]:
-    """``unroll`` (without ``seq_lengths``) by a fused layer, or ``None`` if none applies.
-
-    Args:
-      cell: the cell.
-      params: its parameters.
-      carry: initial carry, leaves ``(*batch, H)``.
-      xs: ``(T, *batch, F)`` inputs (the layer does the input projection itself).
-      reverse: run from the last step to the first.
-
-    Returns:
-      ``(final_carry, ys)`` with ``ys: (T, *batch, H)``, or ``None`` when no kernel applies
-      (then the caller runs the plain scan).
-    """
-    if xs.ndim < 2 or xs.shape[0] == 0:
-        return None
-    T, batch = xs.shape[0], tuple(xs.shape[1:-1])
-    kernel = _applicable(cell, params, carry, xs.dtype, batch, xs.shape[-1])
-    if kernel is None:
-        return None
-    zs_of = lambda p, B, xs: _projection(xs.reshape(T, B, xs.shape[-1]), p.w_ih)
-    specs = lambda rows: P(None, *rows)  # xs: (T, batch, F)
-    return _run(kernel, cell, params, carry, zs_of, xs, specs, T, batch, xs.dtype, reverse)
+# ----------------------------------------------------------------------------- rows
 
 
 @jax.custom_vjp
@@ -733,43 +500,170 @@ def _rows_bwd(res, g):
 _rows.defvjp(_rows_fwd, _rows_bwd)
 
 
-def unroll_embedded(
-    cell: Cell,
-    params: Params,
-    carry: Carry,
-    table: Array,
-    tokens: Array,
-    *,
-    reverse: bool = False,
-) -> tuple[Carry, Array]:
-    """``unroll(cell, params, carry, table[tokens])`` with the projection done on the table.
+# ----------------------------------------------------------------------------- dispatch
 
-    An embedding followed by the input projection of the first layer is a lookup in the
-    ``(V, G*H)`` product ``table @ W_ih``: this computes that product (a ``V x E x G*H``
-    matmul) and gathers rows of it, instead of projecting all ``T*B`` embedded inputs; in
-    the backward pass the gradient of the product table is a ``V x T*B x G*H`` matmul with
-    one-hot rows, and ``dW_ih`` and ``dtable`` follow from it by two small matmuls. When
-    ``V`` is much smaller than ``T*B`` (a character vocabulary) this removes three of the
-    first layer's four large matmuls. The result equals ``unroll`` on ``table[tokens]``;
-    cells without a fused layer simply get that.
+
+class Kernel(NamedTuple):
+    """How one built-in recurrence maps onto a fused layer.
+
+    ``step(params, carry, x)`` is one step computed by the kernel's own cell function (the
+    one its loops use); ``tests/test_fused.py`` checks it against the cell's
+    ``step(project(x))`` for every tagged cell. ``run(params, carry, zs, reverse)`` is the
+    fused loop over the bias-free projected inputs ``zs: (T, B, G*H)``. Both take params
+    already cast to the compute dtype.
+    """
+
+    name: str
+    step: Callable[[Params, Carry, Array], Carry]
+    run: Callable[[Params, Carry, Array, bool], tuple[Carry, Array]]
+
+
+def _one(p, x: Array) -> Array:
+    """The bias-free projection of a single step ``x: (B, F)``, as the layers compute it."""
+    return _project(x[None], p.w_ih)[0]
+
+
+def _rnn_kernel(act: str) -> Kernel:
+    return Kernel(
+        name=f"rnn_{act}",
+        step=lambda p, h, x: _rnn_cell(act, p.w_hh, p.b, h, _one(p, x)),
+        run=lambda p, h, zs, rev: _rnn_core(act, rev, p.b, p.w_hh, h, zs),
+    )
+
+
+def _lstm_run(p, carry, zs, rev):
+    (h, c), ys = _lstm_core(rev, p.b, p.w_hh, carry.h, carry.c, zs)
+    return LSTMState(h=h, c=c), ys
+
+
+KERNELS = {
+    k.name: k for k in (
+        _rnn_kernel("tanh"),
+        _rnn_kernel("relu"),
+        Kernel(
+            name="lstm",
+            step=lambda p, s, x: LSTMState(*_lstm_cell(p.w_hh, p.b, s.h, s.c, _one(p, x))[:2]),
+            run=_lstm_run,
+        ),
+        Kernel(
+            name="gru",
+            step=lambda p, h, x: _gru_cell(p.w_hh, p.b, p.b_hn, h, _one(p, x))[0],
+            run=lambda p, h, zs, rev: _gru_core(rev, p.b, p.w_hh, p.b_hn, h, zs),
+        ),
+        Kernel(
+            name="gru_cho",
+            step=lambda p, h, x: _gru_cho_cell(p.w_hh, p.b, h, _one(p, x))[0],
+            run=lambda p, h, zs, rev: _gru_cho_core(rev, p.b, p.w_hh, h, zs),
+        ),
+    )
+}
+
+
+def unsupported(cell: Cell, params: Params, carry: Carry, dtype, batch: tuple,
+                in_size: int, mesh=None) -> Optional[str]:
+    """Why a fused layer cannot run this call, or ``None`` when it can.
+
+    The reasons are the kernels' limits: a cell without a ``kernel`` tag, integer inputs, a
+    carry whose dtype or shape differs from the inputs' (mixed-precision carries run as a
+    plain scan), an empty batch, parameters not laid out as the tag says, or a batch that
+    does not split evenly over ``mesh``.
+    """
+    if cell.kernel is None:
+        return f"the {cell.name!r} cell has no fused kernel (its kernel tag is None)"
+    if cell.kernel not in KERNELS:
+        return f"unknown kernel tag {cell.kernel!r}; known: {', '.join(KERNELS)}"
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return f"the inputs are {jnp.dtype(dtype).name}, not floating point"
+    leaves, H = jax.tree.leaves(carry), cell.hidden_size
+    if not leaves or any(l.dtype != dtype or tuple(l.shape) != (*batch, H) for l in leaves):
+        return (f"the carry must be {jnp.dtype(dtype).name} of shape {(*batch, H)} like the "
+                f"inputs, got {[(l.dtype.name, tuple(l.shape)) for l in leaves]}")
+    if math.prod(batch) == 0:
+        return "the batch is empty"
+    w_ih = getattr(params, "w_ih", None)
+    if w_ih is None or w_ih.ndim != 2 or w_ih.shape[0] != in_size:
+        return f"params.w_ih must be ({in_size}, G*H) for the {cell.kernel!r} kernel"
+    if cell.kernel == "gru" and getattr(params, "b_hn", None) is None:
+        return "the 'gru' kernel needs params.b_hn (reset_after=True parameters)"
+    if mesh is not None and batch and batch[0] % mesh.size:
+        return f"batch {batch[0]} does not split evenly over the mesh's {mesh.size} devices"
+    return None
+
+
+def _run(kernel: Kernel, cell: Cell, params, carry, zs_of, data, data_specs, T, batch,
+         dtype, reverse, mesh):
+    """The fused layer on ``data`` (``zs_of(params, B, data)`` gives its projected inputs).
+
+    With a ``mesh`` of several devices it runs under ``shard_map``: batch rows split over
+    the mesh's first axis, parameters replicated (their gradients summed over devices by
+    the ``shard_map`` transpose). Left to XLA's sharding propagation, a fused layer on a
+    batch-sharded input is not split: XLA gathers the whole batch onto every device before
+    the time loop (the loop buffers are reshaped in ways propagation does not follow).
+    """
+    H = cell.hidden_size
+    cast = jax.tree.map(lambda a: a.astype(dtype), params)
+
+    def layer(cast, carry, data):
+        local = tuple(jax.tree.leaves(carry)[0].shape[:-1])  # this device's batch
+        B = math.prod(local)
+        flat_carry = jax.tree.map(lambda l: l.reshape(B, H), carry)
+        new_carry, ys = kernel.run(cast, flat_carry, zs_of(cast, B, data), reverse)
+        new_carry = jax.tree.map(lambda l: l.reshape(*local, H), new_carry)
+        return new_carry, ys.reshape(T, *local, H)
+
+    if mesh is None or mesh.size == 1 or not batch:
+        return layer(cast, carry, data)
+    rows = P(mesh.axis_names[0])
+    # check_vma=False: the loops start their carries from replicated values (zeros, the
+    # read-only buffers they prefetch), which per-device type checking would reject.
+    # Gradients of the replicated parameters are still summed over devices (the
+    # 4-device tests match one device to 1e-5).
+    sharded = jax.shard_map(
+        layer, mesh=mesh,
+        in_specs=(P(), jax.tree.map(lambda _: rows, carry), data_specs(rows)),
+        out_specs=(jax.tree.map(lambda _: rows, carry), P(None, *rows)), check_vma=False)
+    return sharded(cast, carry, data)
+
+
+def fused_unroll(cell: Cell, params: Params, carry: Carry, xs: Array, *, reverse: bool,
+                 mesh=None) -> tuple[Carry, Array]:
+    """``unroll`` by the fused layer named by ``cell.kernel``.
+
+    The caller has checked ``unsupported(...)`` is ``None``.
 
     Args:
-      cell: the first layer's cell.
-      params: its parameters (``w_ih: (E, G*H)``).
+      cell: a cell with a kernel tag.
+      params: its parameters.
       carry: initial carry, leaves ``(*batch, H)``.
-      table: ``(V, E)`` embedding table, already in the compute dtype.
-      tokens: ``(T, *batch)`` integer ids.
+      xs: ``(T, *batch, F)`` inputs (the layer does the input projection itself).
       reverse: run from the last step to the first.
+      mesh: optional data-parallel mesh (see ``_run``).
 
     Returns:
       ``(final_carry, ys)`` with ``ys: (T, *batch, H)``.
     """
+    T, batch = xs.shape[0], tuple(xs.shape[1:-1])
+    zs_of = lambda p, B, xs: _projection(xs.reshape(T, B, xs.shape[-1]), p.w_ih)
+    specs = lambda rows: P(None, *rows)  # xs: (T, batch, F)
+    return _run(KERNELS[cell.kernel], cell, params, carry, zs_of, xs, specs, T, batch,
+                xs.dtype, reverse, mesh)
+
+
+def fused_unroll_embedded(cell: Cell, params: Params, carry: Carry, table: Array,
+                          tokens: Array, *, reverse: bool, mesh=None) -> tuple[Carry, Array]:
+    """``fused_unroll`` on ``table[tokens]``, projecting the table instead of the inputs.
+
+    ``zs = (table @ W_ih)[tokens]``: the ``(V, G*H)`` product is one ``V x E x G*H``
+    matmul and its rows are gathered (``_rows``); in the backward pass the gradient of the
+    product is a ``V x T*B x G*H`` matmul with one-hot rows, and ``dW_ih`` and ``dtable``
+    follow from it by two small matmuls. ``jaxseq.unroll_embedded`` decides when this pays.
+
+    Args:
+      cell, params, carry, reverse, mesh: as ``fused_unroll``.
+      table: ``(V, E)`` embedding table in the compute dtype.
+      tokens: ``(T, *batch)`` integer ids.
+    """
     T, batch = tokens.shape[0], tuple(tokens.shape[1:])
-    kernel = None if T == 0 else _applicable(cell, params, carry, table.dtype, batch,
-                                             table.shape[-1])
-    if kernel is None:
-        from jaxseq._unroll import unroll  # the general path (plain scan or fused layer)
-        return unroll(cell, params, carry, table[tokens], reverse=reverse)
 
     def zs_of(p, B, data):
         table, tokens = data
@@ -777,5 +671,5 @@ def unroll_embedded(
         return _rows(product, tokens.reshape(T * B)).reshape(T, B, -1)
 
     specs = lambda rows: (P(), P(None, *rows))  # table, tokens: (T, batch)
-    return _run(kernel, cell, params, carry, zs_of, (table, tokens), specs, T, batch,
-                table.dtype, reverse)
+    return _run(KERNELS[cell.kernel], cell, params, carry, zs_of, (table, tokens), specs, T,
+                batch, table.dtype, reverse, mesh)

@@ -1,7 +1,18 @@
-"""The time loop: one ``jax.lax.scan`` per layer, with the input projection hoisted.
+"""The time loop: ``unroll`` runs one cell over a sequence, by one of two implementations.
 
-``unroll`` runs one cell over a time-major sequence; ``stack`` builds a multi-layer,
-optionally bidirectional network with dropout between layers out of any ``Cell``.
+* ``impl="scan"``: one ``jax.lax.scan`` of ``cell.step`` with the input projection hoisted
+  out of the loop (``cell.project`` on the whole sequence, one matmul). This is the
+  readable definition; JAX differentiates it in either mode.
+* ``impl="fused"``: the cell's fused kernel (``jaxseq/_fused.py``, named by the tag
+  ``cell.kernel`` that its factory sets): the same function with a hand-written backward
+  pass that takes the weight gradients out of the time loop (faster training; reverse mode
+  only).
+* ``impl="auto"`` (the default) picks "fused" when the cell has a kernel and the call is
+  one the kernels handle (no ``seq_lengths``, a carry in the inputs' dtype; see
+  ``_fused.unsupported``), else "scan".
+
+``stack`` builds a multi-layer, optionally bidirectional network with dropout between
+layers out of any ``Cell``; ``unroll_embedded`` is ``unroll`` on looked-up embeddings.
 """
 
 from __future__ import annotations
@@ -12,7 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq._cells import Array, Carry, Cell, Params, PRNGKey
-from jaxseq._fused import fused_unroll
+from jaxseq._fused import fused_unroll, fused_unroll_embedded, unsupported
+
+IMPLS = ("auto", "scan", "fused")
+
+FORWARD_MODE_HINT = ("the fused kernels define only reverse-mode derivatives (custom_vjp); "
+                     "for jax.jvp, jax.jacfwd or jax.hessian pass impl='scan'")
 
 
 def _masked_step(step: Callable, params: Params) -> Callable:
@@ -29,6 +45,40 @@ def _masked_step(step: Callable, params: Params) -> Callable:
     return body
 
 
+def scan_unroll(cell: Cell, params: Params, carry: Carry, xs: Array, *, reverse: bool = False,
+                seq_lengths: Optional[Array] = None) -> tuple[Carry, Array]:
+    """``unroll(impl="scan")``: ``lax.scan`` of ``cell.step`` over ``cell.project(xs)``."""
+    zs = cell.project(params, xs)
+    if seq_lengths is None:
+        return jax.lax.scan(lambda c, z: cell.step(params, c, z), carry, zs, reverse=reverse)
+    steps = jnp.arange(xs.shape[0]).reshape((-1,) + (1,) * (xs.ndim - 2))
+    valid = steps < jnp.asarray(seq_lengths)[None]
+    return jax.lax.scan(_masked_step(cell.step, params), carry, (zs, valid), reverse=reverse)
+
+
+def _runs_fused(impl: str, why_not: Callable[[], Optional[str]]) -> bool:
+    """Resolves ``impl``: whether the fused kernel runs. ``why_not()`` says what stops it."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    if impl == "scan":
+        return False
+    reason = why_not()
+    if impl == "fused" and reason is not None:
+        raise ValueError(f"impl='fused' cannot run this call: {reason}; pass impl='scan' "
+                         f"(or 'auto', which falls back to it)")
+    return reason is None
+
+
+def _forward_mode_hint(run: Callable) -> Any:
+    """Calls ``run()``; JAX's error for forward mode through a custom_vjp gains the fix."""
+    try:
+        return run()
+    except TypeError as e:
+        if "forward-mode" in str(e):
+            raise TypeError(f"{e} ({FORWARD_MODE_HINT})") from e
+        raise
+
+
 def unroll(
     cell: Cell,
     params: Params,
@@ -37,11 +87,10 @@ def unroll(
     *,
     reverse: bool = False,
     seq_lengths: Optional[Array] = None,
+    impl: str = "auto",
+    mesh: Any = None,
 ) -> tuple[Carry, Array]:
     """Runs ``cell`` over a time-major sequence.
-
-    The input-to-hidden product for all T steps is one matmul outside the loop; the scan
-    body holds only the recurrent product and the gate arithmetic.
 
     Args:
       cell: the cell.
@@ -52,23 +101,73 @@ def unroll(
       reverse: run from the last valid step to the first.
       seq_lengths: optional ``(*batch,)`` integer lengths. Steps at ``t >= length`` leave the
         carry untouched and output zeros, so the returned carry is the last valid one; with
-        ``reverse`` each sequence starts at its own last valid step.
+        ``reverse`` each sequence starts at its own last valid step. Runs as "scan".
+      impl: ``"scan"``, ``"fused"`` or ``"auto"`` (module docstring). "fused" raises a
+        ``ValueError`` saying why when the call is not one the kernel handles.
+      mesh: a ``jax.sharding.Mesh`` for data parallelism: the fused layer then runs under
+        ``shard_map`` with batch rows split over the mesh's first axis (the scan leaves the
+        layout to XLA). ``None``: one device, or XLA's own propagation.
 
     Returns:
       ``(final_carry, ys)`` with ``ys: (T, *batch, H)``.
     """
-    if seq_lengths is None:
-        # The built-in cells run as fused kernels whose backward pass takes the weight
-        # gradients out of the time loop (jaxseq/_fused.py); other cells use plain scan.
-        fused = fused_unroll(cell, params, carry, xs, reverse)
-        if fused is not None:
-            return fused
-    zs = cell.project(params, xs)
-    if seq_lengths is None:
-        return jax.lax.scan(lambda c, z: cell.step(params, c, z), carry, zs, reverse=reverse)
-    steps = jnp.arange(xs.shape[0]).reshape((-1,) + (1,) * (xs.ndim - 2))
-    valid = steps < jnp.asarray(seq_lengths)[None]
-    return jax.lax.scan(_masked_step(cell.step, params), carry, (zs, valid), reverse=reverse)
+    batch, in_size = tuple(xs.shape[1:-1]), xs.shape[-1]
+
+    def why_not() -> Optional[str]:
+        if seq_lengths is not None:
+            return "seq_lengths is given (the kernels run whole sequences)"
+        if xs.ndim < 2 or xs.shape[0] == 0:
+            return f"xs must be (T > 0, *batch, F), got shape {xs.shape}"
+        return unsupported(cell, params, carry, xs.dtype, batch, in_size, mesh)
+
+    if _runs_fused(impl, why_not):
+        return _forward_mode_hint(
+            lambda: fused_unroll(cell, params, carry, xs, reverse=reverse, mesh=mesh))
+    return scan_unroll(cell, params, carry, xs, reverse=reverse, seq_lengths=seq_lengths)
+
+
+def unroll_embedded(
+    cell: Cell,
+    params: Params,
+    carry: Carry,
+    table: Array,
+    tokens: Array,
+    *,
+    reverse: bool = False,
+    impl: str = "auto",
+    mesh: Any = None,
+) -> tuple[Carry, Array]:
+    """``unroll(cell, params, carry, table[tokens])``, projecting the table when fused.
+
+    An embedding followed by the input projection of the first layer is a lookup in the
+    ``(V, G*H)`` product ``table @ W_ih``. The fused path computes that product and gathers
+    its rows instead of projecting all ``T*B`` embedded inputs
+    (``_fused.fused_unroll_embedded``); the scan path is ``unroll`` on ``table[tokens]``.
+    The two give the same function and gradients. Whether the product pays is the caller's
+    choice (``jaxseq.models.char_lm`` compares the FLOPs of both).
+
+    Args:
+      cell: the first layer's cell.
+      params: its parameters (``w_ih: (E, G*H)``).
+      carry: initial carry, leaves ``(*batch, H)``.
+      table: ``(V, E)`` embedding table, already in the compute dtype.
+      tokens: ``(T, *batch)`` integer ids.
+      reverse, impl, mesh: as ``unroll``.
+
+    Returns:
+      ``(final_carry, ys)`` with ``ys: (T, *batch, H)``.
+    """
+    batch = tuple(tokens.shape[1:])
+
+    def why_not() -> Optional[str]:
+        if tokens.shape[0] == 0:
+            return "tokens must be (T > 0, *batch)"
+        return unsupported(cell, params, carry, table.dtype, batch, table.shape[-1], mesh)
+
+    if _runs_fused(impl, why_not):
+        return _forward_mode_hint(lambda: fused_unroll_embedded(
+            cell, params, carry, table, tokens, reverse=reverse, mesh=mesh))
+    return scan_unroll(cell, params, carry, table[tokens], reverse=reverse)
 
 
 def reference_unroll(
@@ -89,8 +188,9 @@ class Stack(NamedTuple):
       init: ``(key, input_size) -> params``: a tuple with one entry per layer, each the
         cell's params or, when bidirectional, a ``(forward, backward)`` pair.
       apply: ``(params, carry, xs: (T, *batch, F), *, seq_lengths=None, dropout_key=None)
-        -> (carry, ys: (T, *batch, output_size))``. Dropout between layers is applied only
-        when ``dropout_key`` is given (training).
+        impl="auto", mesh=None) -> (carry, ys: (T, *batch, output_size))``. Dropout between
+        layers is applied only when ``dropout_key`` is given (training); ``impl`` and
+        ``mesh`` are passed to every layer's ``unroll``.
       initial_carry: ``(batch_shape, dtype=float32) -> carry`` (tuple per layer, pairs when
         bidirectional).
       cell, num_layers, bidirectional, dropout: the configuration.
@@ -110,7 +210,7 @@ class Stack(NamedTuple):
 def stack(
     cell: Cell, num_layers: int = 1, *, bidirectional: bool = False, dropout: float = 0.0
 ) -> Stack:
-    """Stacks ``num_layers`` layers of ``cell``, each one ``lax.scan`` (two if bidirectional).
+    """Stacks ``num_layers`` layers of ``cell``, each one ``unroll`` (two if bidirectional).
 
     Args:
       cell: the cell used in every layer.
@@ -138,19 +238,21 @@ def stack(
         one = lambda: cell.initial_carry(batch_shape, dtype)
         return tuple((one(), one()) if bidirectional else one() for _ in range(num_layers))
 
-    def apply(params, carry, xs, *, seq_lengths=None, dropout_key=None):
+    def apply(params, carry, xs, *, seq_lengths=None, dropout_key=None, impl="auto", mesh=None):
+        run = lambda p, c, x, reverse=False: unroll(
+            cell, p, c, x, reverse=reverse, seq_lengths=seq_lengths, impl=impl, mesh=mesh)
         new_carry = []
         keys = (jax.random.split(dropout_key, num_layers) if dropout_key is not None
                 else [None] * num_layers)
         for layer in range(num_layers):
             if bidirectional:
                 (pf, pb), (cf, cb) = params[layer], carry[layer]
-                cf, yf = unroll(cell, pf, cf, xs, seq_lengths=seq_lengths)
-                cb, yb = unroll(cell, pb, cb, xs, reverse=True, seq_lengths=seq_lengths)
+                cf, yf = run(pf, cf, xs)
+                cb, yb = run(pb, cb, xs, reverse=True)
                 new_carry.append((cf, cb))
                 xs = jnp.concatenate([yf, yb], axis=-1)
             else:
-                c, xs = unroll(cell, params[layer], carry[layer], xs, seq_lengths=seq_lengths)
+                c, xs = run(params[layer], carry[layer], xs)
                 new_carry.append(c)
             if dropout > 0.0 and keys[layer] is not None and layer < num_layers - 1:
                 keep = jax.random.bernoulli(keys[layer], 1.0 - dropout, xs.shape)

@@ -26,7 +26,6 @@ import optax
 
 from jaxseq import checkpoint as ckpt
 from jaxseq import parallel
-from jaxseq._fused import data_parallel
 from jaxseq.data import CharVocab, train_val_split
 from jaxseq.errors import UsageError
 from jaxseq.models import CharLM, char_lm, count_params, cross_entropy
@@ -197,19 +196,25 @@ def batch_at(config: CharRNNConfig, train: np.ndarray, step: int) -> tuple[np.nd
 
 # --------------------------------------------------------------------------- steps
 
-def make_train_step(model: CharLM, optimizer, config: CharRNNConfig,
-                    state_sharding: Any = None) -> Callable:
+def make_train_step(model: CharLM, optimizer, config: CharRNNConfig, *, impl: str = "auto",
+                    mesh: Any = None) -> Callable:
     """The jitted ``(state, inputs, targets, reset) -> (state, metrics)``.
 
-    With ``state_sharding`` (a pytree of shardings like the state, from a data-parallel
-    mesh) the new state keeps the layout of the old one; XLA inserts the gradient all-reduce.
+    Args:
+      model, optimizer, config: the run's pieces (``build_model``, ``make_optimizer``).
+      impl: the recurrent layers' implementation, ``"auto"``, ``"scan"`` or ``"fused"``
+        (``jaxseq.unroll``).
+      mesh: a data-parallel mesh (``parallel.data_mesh``) for a state placed by
+        ``shard_state``: the fused layers split the batch over it under ``shard_map``, the
+        new state keeps the old one's layout, and XLA sums the gradients across devices.
 
     A step whose loss or gradient is not finite changes nothing (``metrics['finite']`` is
-    false); the loop then stops or skips by ``nan_policy``.
+    false); the caller then stops or skips.
     """
 
     def loss_fn(params, carry, inputs, targets, dropout_key):
-        carry, logits = model.apply(params, carry, inputs, dropout_key=dropout_key)
+        carry, logits = model.apply(params, carry, inputs, dropout_key=dropout_key, impl=impl,
+                                    mesh=mesh)
         return cross_entropy(logits, targets).mean(), carry
 
     def train_step(state: TrainState, inputs, targets, reset):
@@ -232,15 +237,11 @@ def make_train_step(model: CharLM, optimizer, config: CharRNNConfig,
         )
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
-    if state_sharding is None:
+    if mesh is None:
         return jax.jit(train_step)
-    mesh = jax.tree.leaves(state_sharding)[0].mesh
-
-    def sharded_step(*args):
-        with data_parallel(mesh):
-            return train_step(*args)
-
-    return jax.jit(sharded_step, out_shardings=(state_sharding, parallel.replicated(mesh)))
+    rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh, 2, axis=0)
+    layout = TrainState(params=rep, opt_state=rep, carry=rows, step=rep, key=rep)
+    return jax.jit(train_step, out_shardings=(layout, rep))
 
 
 def shard_state(mesh, state: TrainState) -> tuple[TrainState, Callable]:
@@ -452,8 +453,7 @@ def train(
         if config.batch % mesh.size:
             raise UsageError(f"--batch {config.batch} must divide evenly over {mesh.size} devices")
         state, put_batch = shard_state(mesh, state)
-        train_step = make_train_step(model, optimizer, config,
-                                     jax.tree.map(lambda x: x.sharding, state))
+        train_step = make_train_step(model, optimizer, config, mesh=mesh)
     else:
         mesh, put_batch = None, jnp.asarray
         train_step = make_train_step(model, optimizer, config)

@@ -17,8 +17,25 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq._cells import Array, PRNGKey, make_cell
-from jaxseq._fused import unroll_embedded
-from jaxseq._unroll import Stack, stack
+from jaxseq._unroll import Stack, stack, unroll_embedded
+
+
+def table_pays(vocab_size: int, embed: int, tokens: int) -> bool:
+    """Whether the first layer should read the ``(V, G*H)`` product table (``unroll_embedded``).
+
+    Multiply-adds per ``G*H`` output column of a training step (forward and backward):
+
+    * projecting the ``N = T*B`` embedded inputs: ``N*E`` forward, ``2*N*E`` backward
+      (``dxs`` and ``dW_ih``);
+    * the product table: ``V*E`` forward, ``N*V`` backward (the gradient of the table is a
+      one-hot ``(V, N) x (N, G*H)`` matmul) plus ``2*V*E`` (``dW_ih`` and ``dtable``).
+
+    The table wins when ``3*V*E + N*V < 3*N*E``: a character vocabulary (V=65, E=64, N in
+    the thousands) does, a word vocabulary (V in the tens of thousands) never does, so the
+    dense one-hot backward is never built over one.
+    """
+    V, E, N = vocab_size, embed, tokens
+    return 3 * V * E + N * V < 3 * N * E
 
 
 class CharLMParams(NamedTuple):
@@ -33,8 +50,9 @@ class CharLM(NamedTuple):
 
     Attributes:
       init: ``key -> CharLMParams``.
-      apply: ``(params, carry, tokens: (T, *batch) int, *, dropout_key=None)
-        -> (carry, logits: (T, *batch, V))``.
+      apply: ``(params, carry, tokens: (T, *batch) int, *, dropout_key=None, impl="auto",
+        mesh=None) -> (carry, logits: (T, *batch, V))``; ``impl`` and ``mesh`` go to every
+        layer's ``unroll`` (see ``jaxseq.unroll``).
       initial_carry: ``(batch_shape, dtype=float32) -> carry``.
       network: the recurrent ``Stack``.
       vocab_size: V.
@@ -77,10 +95,10 @@ def char_lm(
         vectors fed straight into the first layer).
       compute_dtype: ``jnp.float32`` or ``jnp.bfloat16`` (mixed precision).
 
-    With an embedding, no active dropout and no bidirectional layer, ``apply`` on a batch of
-    more than ``2 * vocab_size`` tokens runs the embedding and the first layer's input
-    projection as one lookup in their ``(V, G*H)`` product (``jaxseq.unroll_embedded``):
-    the same function and gradients as embedding then ``network.apply``, with fewer FLOPs.
+    With an embedding and no active dropout, ``apply`` runs the embedding and the first
+    layer's input projection as one lookup in their ``(V, G*H)`` product
+    (``jaxseq.unroll_embedded``) when ``table_pays`` says it costs fewer FLOPs: the same
+    function and gradients as embedding then ``network.apply``.
     """
     if input_mode not in ("embedding", "onehot"):
         raise ValueError(f"input_mode must be 'embedding' or 'onehot', got {input_mode!r}")
@@ -109,21 +127,21 @@ def char_lm(
         keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
         return jnp.where(keep, x / (1.0 - dropout), 0.0).astype(x.dtype)
 
-    def apply(params: CharLMParams, carry, tokens: Array, *, dropout_key=None):
+    def apply(params: CharLMParams, carry, tokens: Array, *, dropout_key=None, impl="auto",
+              mesh=None):
         use_dropout = dropout > 0.0 and dropout_key is not None
         k_in, k_rnn, k_out = (jax.random.split(dropout_key, 3) if use_dropout
                               else (None, None, None))
         rnn_params = jax.tree.map(lambda p: p.astype(compute_dtype), params.rnn)
-        if (input_mode == "embedding" and not use_dropout and not network.bidirectional
-                and tokens.size > 2 * vocab_size):
-            # Embedding then first-layer projection is a lookup in their (V, G*H) product:
-            # far fewer FLOPs than projecting T*B embedded inputs when V << T*B (1.11x and
-            # 1.26x faster GRU training steps at H=256 and 512, benchmarks/charlm.md).
+        if (input_mode == "embedding" and not use_dropout
+                and table_pays(vocab_size, embed, tokens.size)):
+            # 1.11x and 1.26x faster GRU training steps at H=256 and 512 (charlm.md).
             first, hs = unroll_embedded(network.cell, rnn_params[0], carry[0],
-                                        params.embed.astype(compute_dtype), tokens)
+                                        params.embed.astype(compute_dtype), tokens,
+                                        impl=impl, mesh=mesh)
             rest = ()
             if upper is not None:
-                rest, hs = upper.apply(rnn_params[1:], carry[1:], hs)
+                rest, hs = upper.apply(rnn_params[1:], carry[1:], hs, impl=impl, mesh=mesh)
             carry = (first, *rest)
         else:
             if input_mode == "embedding":
@@ -132,7 +150,8 @@ def char_lm(
                     xs = _dropout(k_in, xs)
             else:
                 xs = jax.nn.one_hot(tokens, vocab_size, dtype=compute_dtype)
-            carry, hs = network.apply(rnn_params, carry, xs, dropout_key=k_rnn)
+            carry, hs = network.apply(rnn_params, carry, xs, dropout_key=k_rnn, impl=impl,
+                                      mesh=mesh)
         if use_dropout:
             hs = _dropout(k_out, hs)
         logits = hs @ params.w_out.astype(compute_dtype) + params.b_out.astype(compute_dtype)

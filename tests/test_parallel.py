@@ -101,10 +101,9 @@ config = charrnn.CharRNNConfig(cell=cell, layers=2, hidden=16, embed=8, batch=12
                                dropout=dropout)
 model = charrnn.build_model(config, 11)
 optimizer = charrnn.make_optimizer(config)
-state, put = charrnn.shard_state(parallel.data_mesh(),
-                                 charrnn.init_state(config, model, optimizer))
-step = charrnn.make_train_step(model, optimizer, config,
-                               jax.tree.map(lambda x: x.sharding, state))
+mesh = parallel.data_mesh()
+state, put = charrnn.shard_state(mesh, charrnn.init_state(config, model, optimizer))
+step = charrnn.make_train_step(model, optimizer, config, mesh=mesh)
 tokens = put(np.zeros((6, 12), np.int32))
 print(step.lower(state, tokens, tokens, False).compile().as_text())
 """
