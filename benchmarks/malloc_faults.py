@@ -3,7 +3,7 @@
     python benchmarks/malloc_faults.py [--cell gru] [--hidden 256] [--steps 10] [MODE ...]
 
 MODE is one of ``default`` (glibc and JAX as they are), ``nommap`` (glibc: no mmap, no
-trim), ``inline`` (JAX: inline dispatch only), ``both`` (what ``jaxseq/_malloc.py`` does)
+trim), ``inline`` (JAX: inline dispatch only), ``both`` (what ``experiments/_malloc.py`` does)
 and ``arena1`` (glibc: one arena, no mmap, no trim; the earlier setting). Each mode runs in
 a fresh process, since both settings must be made before JAX starts.
 """

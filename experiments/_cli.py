@@ -123,9 +123,9 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
 
 def split_cpu(devices: int) -> None:
     """``--cpu-devices``: the CPU as ``devices`` JAX devices, all threads on one malloc arena
-    (``jaxseq._malloc.one_arena_for_devices``). Before JAX starts its backend."""
+    (``experiments._malloc.one_arena_for_devices``). Before JAX starts its backend."""
     from jaxseq import parallel
-    from jaxseq._malloc import one_arena_for_devices
+    from experiments._malloc import one_arena_for_devices
     parallel.use_cpu_devices(devices)
     one_arena_for_devices(devices)
 

@@ -56,7 +56,7 @@ def use_cpu_devices(n: int) -> None:
     which JAX reads when it starts its CPU backend, so call it before the first
     computation; it does not change the default backend (on a GPU machine the GPUs stay
     the devices of ``data_mesh``). The command lines also put every thread on one malloc
-    arena (``jaxseq._malloc.one_arena_for_devices``), without which the devices'
+    arena (``experiments._malloc.one_arena_for_devices``), without which the devices'
     temporaries may be page-faulted in afresh on every step.
     """
     if n < 1:

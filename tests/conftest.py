@@ -6,7 +6,7 @@ that read the corpus never download it.
 
 ``JAXSEQ_MALLOC`` defaults to ``default``: the test processes (and the command lines they
 start) keep glibc malloc and JAX's dispatch as a library user who imports ``jaxseq`` gets
-them. The command lines' memory-keeping mode (``jaxseq/_malloc.py``) is checked on its own
+them. The command lines' memory-keeping mode (``experiments/_malloc.py``) is checked on its own
 in ``tests/test_bench.py``.
 """
 

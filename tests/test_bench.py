@@ -128,12 +128,13 @@ def test_word2vec_is_delegated(capsys):
 
 @pytest.mark.parametrize("setting,expect", [("", "True"), ("default", "False")])
 def test_retain_freed_memory_makes_xla_reuse_its_temporaries(setting, expect):
-    """The experiments package makes a jitted program's 64 MiB temporaries come back from
+    """experiments._malloc makes a jitted program's 64 MiB temporaries come back from
     the heap on the next call (no new page faults); JAXSEQ_MALLOC=default leaves glibc and
     JAX as they are, and every call faults the block in afresh. Both halves are needed:
     the glibc options and inline dispatch (the main thread allocates from the main heap)."""
     code = (
-        "import resource, experiments, jax, jax.numpy as jnp, jaxseq._malloc as m\n"
+        "import resource, jax, jax.numpy as jnp, experiments._malloc as m\n"
+        "m.retain_freed_memory()\n"
         "f = jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * 2.0)[::1000]\n"
         "            + jnp.cumsum(jnp.cos(x))[::1000])\n"
         "x = jnp.ones((1 << 24,), jnp.float32)\n"
