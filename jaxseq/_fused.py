@@ -247,6 +247,28 @@ def _rnn_forward(act, reverse, b, w_hh, h0, zs):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _rnn_core(act, reverse, b, w_hh, h0, zs):
+    """The vanilla RNN over projected inputs ``zs: (T, B, H)`` (``x_t W_ih``, no bias).
+
+    Forward, with ``act`` tanh or relu::
+
+        h_t = act(zs_t + b + h_{t-1} W_hh)
+
+    Backward (BPTT), ``dy_t`` the cotangent of output t and ``dh_T`` that of the final carry;
+    from t = T-1 down to 0 (up, with ``reverse``)::
+
+        dh_t  = dy_t + dz_{t+1} W_hh^T        (dz_T W_hh^T := dh_T)
+        dz_t  = dh_t * (1 - h_t^2)            tanh'(.) written with the saved output h_t
+              = dh_t * [h_t > 0]              for relu
+
+    The gradient of ``h_t`` flows back through ``tanh'`` and ``W_hh^T`` once per step:
+    this product is what vanishes or explodes over long spans. After the loop, as single
+    matmuls: ``dW_hh = sum_t h_{t-1}^T dz_t``, ``db = sum_t dz_t``, ``dh0 = dz_0 W_hh^T``,
+    and ``dzs = dz`` (``_projection`` turns it into ``dW_ih`` and ``dxs``).
+
+    Held to autodiff of the scan by ``tests/test_fused.py`` (``test_float32_matches_plain_scan``,
+    ``test_every_length_matches_plain_scan``; float64 finite differences in
+    ``test_float64_gradients_are_exact``).
+    """
     return _rnn_forward(act, reverse, b, w_hh, h0, zs)
 
 
@@ -308,6 +330,33 @@ def _lstm_forward(reverse, b, w_hh, h0, c0, zs, save: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lstm_core(reverse, b, w_hh, h0, c0, zs):
+    """The LSTM over projected inputs ``zs: (T, B, 4H)``, gate blocks i, f, g, o.
+
+    Forward (``jaxseq.lstm``'s equations; ``g`` is the candidate C̃)::
+
+        i, f, g, o = σ, σ, tanh, σ of (zs_t + b + h_{t-1} W_hh)
+        c_t = f * c_{t-1} + i * g
+        h_t = o * tanh(c_t)
+
+    Backward (BPTT), from the last step to the first, with the saved gate activations and
+    cell states::
+
+        dh_t = dy_t + dh_{t+1 -> t}                    (dh_T from the final carry)
+        dc_t = dc_{t+1} * f_{t+1} + dh_t * o * (1 - tanh(c_t)^2)
+        d i  = dc_t * g * i (1 - i)        d f = dc_t * c_{t-1} * f (1 - f)
+        d g  = dc_t * i * (1 - g^2)        d o = dh_t * tanh(c_t) * o (1 - o)
+        dz_t = [d i, d f, d g, d o]
+        dh_{t-1} (from step t) = dz_t W_hh^T
+
+    ``dc_t * f`` is the cell state's own path back in time: through the forget gate, with no
+    matrix and no squashing, which is why the LSTM's gradient survives long spans where
+    the vanilla RNN's vanishes. After the loop: ``dW_hh = sum_t h_{t-1}^T dz_t``,
+    ``db = sum_t dz_t``, ``dzs = dz``.
+
+    Held to autodiff of the scan by ``tests/test_fused.py`` (``test_float32_matches_plain_scan``,
+    ``test_every_length_matches_plain_scan``; float64 finite differences in
+    ``test_float64_gradients_are_exact``).
+    """
     carry, ys, _, _ = _lstm_forward(reverse, b, w_hh, h0, c0, zs, save=False)
     return carry, ys
 
@@ -353,16 +402,16 @@ def _gru_cell(w_hh, b, b_hn, h, zx):
     xr, xz, xn = _blocks(zx + b, 3)
     hr, hz, hn = _blocks(_dot(h, w_hh), 3)
     r = jax.nn.sigmoid(xr + hr)
-    u = jax.nn.sigmoid(xz + hz)
+    z = jax.nn.sigmoid(xz + hz)
     hn = hn + b_hn
     n = jnp.tanh(xn + r * hn)
-    return n + u * (h - n), (r, u, n, hn)
+    return n + z * (h - n), (r, z, n, hn)
 
 
 def _gru_forward(reverse, b, w_hh, b_hn, h0, zs, save: bool):
     def step(h, z):
-        h, (r, u, n, hn) = _gru_cell(w_hh, b, b_hn, h, z)
-        return h, h, jnp.concatenate([r, u, n], axis=-1), (hn,)
+        h, (r, gate_z, n, hn) = _gru_cell(w_hh, b, b_hn, h, z)
+        return h, h, jnp.concatenate([r, gate_z, n], axis=-1), (hn,)
 
     h, ys, acts, extra = _forward_loop(reverse, step, h0, zs, save, extras=1)
     return h, ys, acts, (extra[0] if save else None)
@@ -370,6 +419,31 @@ def _gru_forward(reverse, b, w_hh, b_hn, h0, zs, save: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gru_core(reverse, b, w_hh, b_hn, h0, zs):
+    """The GRU, reset after the product (PyTorch/cuDNN), over ``zs: (T, B, 3H)``, blocks r, z, n.
+
+    Forward, ``x* = zs_t + b`` and ``h* = h_{t-1} W_hh`` split in blocks::
+
+        r = σ(xr + hr)     z = σ(xz + hz)     hn = h_{t-1} W_hn + b_hn
+        n = tanh(xn + r * hn)
+        h_t = (1 - z) * n + z * h_{t-1}
+
+    Backward (BPTT), from the last step to the first, with the saved r, z, n and hn::
+
+        dh_t = dy_t + dh_{t+1 -> t}
+        dn   = dh_t * (1 - z) * (1 - n^2)                  (pre-activation of n)
+        dr   = dn * hn * r (1 - r)
+        dz   = dh_t * (h_{t-1} - n) * z (1 - z)
+        dhn  = dn * r                                      (gradient of h_{t-1} W_hn + b_hn)
+        dh_{t-1} (from step t) = dh_t * z + [dr, dz, dhn] W_hh^T
+
+    The input side's gradient is ``dzs_t = [dr, dz, dn]``; the recurrent side's is
+    ``[dr, dz, dhn]``, so after the loop ``dW_hh = [sum_t h_{t-1}^T [dr, dz],
+    sum_t h_{t-1}^T dhn]``, ``db_hn = sum_t dhn`` and ``db = sum_t dzs_t``.
+
+    Held to autodiff of the scan by ``tests/test_fused.py`` (``test_float32_matches_plain_scan``,
+    ``test_every_length_matches_plain_scan``; float64 finite differences in
+    ``test_float64_gradients_are_exact``).
+    """
     h, ys, _, _ = _gru_forward(reverse, b, w_hh, b_hn, h0, zs, save=False)
     return h, ys
 
@@ -385,16 +459,16 @@ def _gru_core_bwd(reverse, res, cts):
     H = h0.shape[-1]
 
     def body(t, dh_next, olds, got):
-        r, u, n = _blocks(olds[0], 3)
+        r, z, n = _blocks(olds[0], 3)
         hn, (dy, h_prev) = olds[1], got
         dh = dy + dh_next
-        dn = dh * (1.0 - u) * (1.0 - n * n)
+        dn = dh * (1.0 - z) * (1.0 - n * n)
         dr = dn * hn * r * (1.0 - r)
-        du = dh * (h_prev - n) * u * (1.0 - u)
+        dz = dh * (h_prev - n) * z * (1.0 - z)
         dhn = dn * r
-        dh_prev = dh * u + _dot_wt(jnp.concatenate([dr, du, dhn], axis=-1), w_hh)
-        # dz_t (input side) overwrites the activations, d(h W_hn)_t overwrites hn_t.
-        return dh_prev, (jnp.concatenate([dr, du, dn], axis=-1), dhn)
+        dh_prev = dh * z + _dot_wt(jnp.concatenate([dr, dz, dhn], axis=-1), w_hh)
+        # dzs_t (input side) overwrites the activations, d(h W_hn)_t overwrites hn_t.
+        return dh_prev, (jnp.concatenate([dr, dz, dn], axis=-1), dhn)
 
     fetch = lambda t: (_at(dys, t), _prev(ys, t, h0, reverse))
     dh0, (dzs, dhns) = _rewrite_loop(ys.shape[0], not reverse, body, dhT, (acts, hns), fetch)
@@ -416,9 +490,9 @@ def _gru_cho_cell(w_hh, b, h, zx):
     xr, xz, xn = _blocks(zx + b, 3)
     hr, hz = _blocks(_dot(h, w_hh[:, :2 * H]), 2)
     r = jax.nn.sigmoid(xr + hr)
-    u = jax.nn.sigmoid(xz + hz)
+    z = jax.nn.sigmoid(xz + hz)
     cand = jnp.tanh(xn + _dot(r * h, w_hh[:, 2 * H:]))
-    return h + u * (cand - h), (r, u, cand)
+    return h + z * (cand - h), (r, z, cand)
 
 
 def _gru_cho_forward(reverse, b, w_hh, h0, zs, save: bool):
@@ -432,6 +506,30 @@ def _gru_cho_forward(reverse, b, w_hh, h0, zs, save: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gru_cho_core(reverse, b, w_hh, h0, zs):
+    """The GRU of Cho et al. 2014 (reset before the product) over ``zs: (T, B, 3H)``.
+
+    Forward, ``x* = zs_t + b`` split in blocks r, z, n and ``W_hh = [W_rz | W_n]``::
+
+        [r, z] = σ([xr, xz] + h_{t-1} W_rz)
+        h̃ = tanh(xn + (r * h_{t-1}) W_n)          (``cand`` in the code)
+        h_t = (1 - z) * h_{t-1} + z * h̃
+
+    Backward (BPTT), from the last step to the first, with the saved r, z and h̃::
+
+        dh_t = dy_t + dh_{t+1 -> t}
+        dn   = dh_t * z * (1 - h̃^2)                      (pre-activation of h̃)
+        drh  = dn W_n^T                                   (gradient of r * h_{t-1})
+        dr   = drh * h_{t-1} * r (1 - r)
+        dz   = dh_t * (h̃ - h_{t-1}) * z (1 - z)
+        dh_{t-1} (from step t) = dh_t * (1 - z) + drh * r + [dr, dz] W_rz^T
+
+    After the loop: ``dW_rz = sum_t h_{t-1}^T [dr, dz]``,
+    ``dW_n = sum_t (r * h_{t-1})^T dn`` and ``db = sum_t [dr, dz, dn]``.
+
+    Held to autodiff of the scan by ``tests/test_fused.py`` (``test_float32_matches_plain_scan``,
+    ``test_every_length_matches_plain_scan``; float64 finite differences in
+    ``test_float64_gradients_are_exact``).
+    """
     h, ys, _ = _gru_cho_forward(reverse, b, w_hh, h0, zs, save=False)
     return h, ys
 
@@ -448,15 +546,15 @@ def _gru_cho_core_bwd(reverse, res, cts):
     w_rz, w_n = w_hh[:, :2 * H], w_hh[:, 2 * H:]
 
     def body(t, dh_next, olds, got):
-        r, u, cand = _blocks(olds[0], 3)
+        r, z, cand = _blocks(olds[0], 3)
         dy, (h_prev,) = olds[1], got
         dh = dy + dh_next
-        dn = dh * u * (1.0 - cand * cand)
+        dn = dh * z * (1.0 - cand * cand)
         drh = _dot_wt(dn, w_n)
         dr = drh * h_prev * r * (1.0 - r)
-        du = dh * (cand - h_prev) * u * (1.0 - u)
-        drz = jnp.concatenate([dr, du], axis=-1)
-        dh_prev = dh * (1.0 - u) + drh * r + _dot_wt(drz, w_rz)
+        dz = dh * (cand - h_prev) * z * (1.0 - z)
+        drz = jnp.concatenate([dr, dz], axis=-1)
+        dh_prev = dh * (1.0 - z) + drh * r + _dot_wt(drz, w_rz)
         # dz_t overwrites the activations; r_t * h_{t-1} (for dW_n) overwrites dy_t.
         return dh_prev, (jnp.concatenate([drz, dn], axis=-1), r * h_prev)
 
