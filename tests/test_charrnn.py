@@ -3,6 +3,7 @@
 import json
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,8 +156,53 @@ def test_sample_cli(corpus, tmp_path, capsys):
     assert run(args) == 0
     first = capsys.readouterr().out
     assert run(args) == 0
-    assert capsys.readouterr().out == first
-    assert first.count("to be") >= 2
+    assert capsys.readouterr().out == first  # same seed, same text
+    samples = first[:-1].split("\n" + "=" * 40 + "\n")
+    assert len(samples) == 2
+    for s in samples:  # the prime, then exactly --length characters of the corpus's alphabet
+        assert s.startswith("to be") and len(s) == len("to be") + 30
+        assert set(s) <= set(corpus.read_text())
+    assert samples[0] != samples[1]  # two draws of one batch differ
+    args[args.index("--seed") + 1] = 5
+    assert run(args) == 0
+    assert capsys.readouterr().out != first
+
+
+def test_train_step_compiles_once_over_a_run(corpus, tmp_path, monkeypatch):
+    """Evaluations, checkpoints, metrics lines and state resets never retrace the step."""
+    real = cli.charrnn.make_train_step
+
+    def counted(model, optimizer, config, **kw):
+        model = model._replace(apply=chex.assert_max_traces(model.apply, n=1))
+        return real(model, optimizer, config, **kw)
+
+    monkeypatch.setattr(cli.charrnn, "make_train_step", counted)
+    # 40 steps cross the end of a pass over the windows (a state reset) with --seq 64.
+    out = tmp_path / "run"
+    args = ["--data", corpus, "--out", out, "--steps", 40, *TINY, "--seq", 64, "--batch", 16]
+    config = cli._cli.config_from_args(charrnn.CharRNNConfig,
+                                       cli.parse_train_args([str(a) for a in args]))
+    n_train = len(cli.charrnn.prepare_corpus(corpus.read_text(), config).train)
+    assert charrnn.windows_per_epoch(config, n_train) < 40
+    assert run(args) == 0
+
+
+def test_preset_values_are_defaults_that_explicit_flags_override():
+    tiny = cli.PRESETS["tiny"]
+    assert cli.parse_train_args(["--preset", "tiny"]).hidden == tiny["hidden"] != 128
+    for argv in (["--preset", "tiny", "--hidden", "128"], ["--preset=tiny", "--hidden=128"],
+                 ["--hidden=128", "--preset", "tiny"], ["--preset", "tiny", "--hid", "128"]):
+        args = cli.parse_train_args(argv)
+        assert args.hidden == 128, argv
+        assert args.steps == tiny["steps"], argv
+    assert cli.parse_train_args([]).hidden == charrnn.CharRNNConfig().hidden
+
+
+def test_impl_flag_reaches_the_config():
+    args = cli.parse_train_args(["--impl", "scan"])
+    assert cli._cli.config_from_args(charrnn.CharRNNConfig, args).impl == "scan"
+    with pytest.raises(SystemExit):
+        cli.parse_train_args(["--impl", "cuda"])
 
 
 def test_resume_is_bitwise_equal_to_straight_run(corpus, tmp_path):

@@ -57,6 +57,7 @@ def run_cli(args, env_extra=None, timeout=300):
                             text=True)
 
 
+@pytest.mark.slow
 def test_four_devices_match_one(corpus, single, tmp_path):
     out = tmp_path / "four"
     proc = run_cli(["--data", corpus, "--out", out, *ARGS],
@@ -67,6 +68,7 @@ def test_four_devices_match_one(corpus, single, tmp_path):
     assert_same_run(single, out, 1e-5)
 
 
+@pytest.mark.slow
 def test_batch_must_divide_over_devices(corpus, tmp_path):
     proc = run_cli(["--data", corpus, "--out", tmp_path / "r", *ARGS, "--batch", 6],
                    {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
@@ -74,6 +76,7 @@ def test_batch_must_divide_over_devices(corpus, tmp_path):
     assert proc.returncode == 2 and "divide evenly" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(corpus, single, tmp_path, free_port):
     out = tmp_path / "two"
     port = free_port
@@ -110,6 +113,7 @@ print(step.lower(state, tokens, tokens, False).compile().as_text())
 
 
 @pytest.mark.parametrize("cell, dropout", [("gru", 0.0), ("lstm", 0.1)])
+@pytest.mark.slow
 def test_each_device_runs_the_recurrent_layers_on_its_own_rows(cell, dropout):
     """The fused layers (table-lookup path without dropout, plain path with it) run on 3 rows
     per device: no whole-batch (6, 12, ...) activation and no all-gather in the program."""
@@ -123,6 +127,7 @@ def test_each_device_runs_the_recurrent_layers_on_its_own_rows(cell, dropout):
     assert "all-gather" not in hlo and "all-reduce" in hlo  # only gradients are combined
 
 
+@pytest.mark.slow
 def test_cpu_devices_flag_splits_the_cpu_and_matches_one_device(corpus, single, tmp_path):
     out = tmp_path / "cores"
     proc = run_cli(["--data", corpus, "--out", out, *ARGS, "--cpu-devices", 2])
@@ -132,6 +137,7 @@ def test_cpu_devices_flag_splits_the_cpu_and_matches_one_device(corpus, single, 
     assert_same_run(single, out, 1e-5)
 
 
+@pytest.mark.slow
 def test_cpu_devices_must_be_positive(corpus, tmp_path):
     proc = run_cli(["--data", corpus, "--out", tmp_path / "r", *ARGS, "--cpu-devices", 0])
     _, err = proc.communicate(timeout=300)
