@@ -41,10 +41,10 @@ PY
 
 # Training: H = 256 and 512, all three cells, jaxseq vs flax.linen vs PyTorch (cuDNN when
 # torch sees the GPU), interleaved; jaxseq-scan is jaxseq without its fused layers.
-"$PYTHON" -m experiments.bench charlm --cell all --hidden 256 512 \
+"$PYTHON" -m benchmarks charlm --cell all --hidden 256 512 \
     --impl jaxseq jaxseq-scan flax torch --steps 10 --warmup 3 --json --no-progress
 # Mixed precision (bfloat16 compute, float32 parameters) for the JAX implementations.
-"$PYTHON" -m experiments.bench charlm --cell lstm --hidden 512 --dtype bfloat16 \
+"$PYTHON" -m benchmarks charlm --cell lstm --hidden 512 --dtype bfloat16 \
     --impl jaxseq flax torch --steps 10 --warmup 3 --json --no-progress
 # Sampling: 2,000 characters at batch 1 and 64.
-"$PYTHON" -m experiments.bench sample --cell lstm --hidden 512 --batch 1 64 --json
+"$PYTHON" -m benchmarks sample --cell lstm --hidden 512 --batch 1 64 --json

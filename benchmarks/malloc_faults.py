@@ -23,7 +23,7 @@ MODES = ("default", "nommap", "inline", "both", "arena1")
 
 
 def _child(mode: str, cell: str, hidden: int, steps: int) -> None:
-    os.environ["JAXSEQ_MALLOC"] = "default"       # the experiments package sets nothing
+    os.environ["JAXSEQ_MALLOC"] = "default"       # only the settings below, whatever runs
     mallopt = ctypes.CDLL("libc.so.6").mallopt
     if mode == "arena1":
         mallopt(-8, 1)                              # M_ARENA_MAX
@@ -33,10 +33,10 @@ def _child(mode: str, cell: str, hidden: int, steps: int) -> None:
     import jax
     if mode in ("inline", "both"):
         jax.config.update("jax_cpu_enable_async_dispatch", False)
-    from experiments import bench_charlm
+    from benchmarks import charlm
     spec = dict(cell=cell, hidden=hidden, layers=2, batch=64, seq=128, dtype="float32",
                 seed=0)
-    run, compile_s = bench_charlm._build_jaxseq(spec)
+    run, compile_s = charlm._build_jaxseq(spec)
     run()
     run()
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -26,12 +26,7 @@ from jaxseq._cells import (
     make_cell,
     rnn,
 )
-from jaxseq._interop import (
-    FlaxCell,
-    TorchRNNInfo,
-    from_flax_linen_params,
-    from_torch_state_dict,
-)
+from jaxseq._interop import TorchRNNInfo, from_flax_linen_params, from_torch_state_dict
 from jaxseq._unroll import IMPLS, Stack, reference_unroll, stack, unroll, unroll_embedded
 from jaxseq.errors import UsageError
 
@@ -43,3 +38,11 @@ __all__ = [
 ]
 __all__ += ["FlaxCell", "TorchRNNInfo", "from_flax_linen_params", "from_torch_state_dict"]
 __all__ += ["IMPLS", "unroll_embedded"]
+
+
+def __getattr__(name: str):
+    # PEP 562: FlaxCell needs flax.linen, so it is imported on first use, not with jaxseq.
+    if name == "FlaxCell":
+        from jaxseq._linen import FlaxCell
+        return FlaxCell
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

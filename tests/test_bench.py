@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from experiments import bench
+import benchmarks.__main__ as bench
 
 TINY = ["--hidden", "16", "--batch", "4", "--seq", "8", "--steps", "2", "--warmup", "1",
         "--json", "--no-progress"]
@@ -100,10 +100,39 @@ def test_bad_input_is_one_line_and_exit_2(argv, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_command_line_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "charlm", "--impl", "x"],
+@pytest.mark.parametrize("module", ["benchmarks", "experiments.bench"])
+def test_command_line_entry_point(module):
+    """``python -m benchmarks`` and its old name ``python -m experiments.bench``."""
+    proc = subprocess.run([sys.executable, "-m", module, "charlm", "--impl", "x"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown --impl x")
+
+
+def test_missing_benchmark_module_is_one_line_and_exit_2(capsys, monkeypatch):
+    """A registered command whose module is not there (yet) says so; it does not crash."""
+    monkeypatch.setattr(bench, "COMMANDS", (*bench.COMMANDS, "nosuchbench"))
+    assert bench.main(["nosuchbench", "--help"]) == 2
+    assert capsys.readouterr().err == "error: benchmark 'nosuchbench' is not available\n"
+    assert "recurrence" in bench.COMMANDS
+
+
+def test_worker_keeps_freed_memory_unless_told_not_to():
+    """The charlm workers (``python -m benchmarks.charlm --worker``) switch the memory
+    tuning on themselves, since importing ``experiments`` no longer does; JAXSEQ_MALLOC
+    (set by --malloc) turns it off."""
+    spec = {"impl": "jaxseq", "cell": "rnn", "hidden": 4, "layers": 1, "batch": 2, "seq": 3,
+            "dtype": "float32", "seed": 0, "warmup": 1, "torch_device": "cpu", "cores": []}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for setting, expect in (("retain", "False"), ("default", "True")):
+        code = ("import sys, jax, benchmarks.charlm as c\n"
+                "c.build_train_step = lambda spec: (lambda: None, 0.0)\n"
+                "c.worker_main(sys.argv[1])\n"
+                "print(jax.config.read('jax_cpu_enable_async_dispatch'))\n")
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], input="quit\n",
+                              capture_output=True, text=True, cwd=root, timeout=120,
+                              env=dict(os.environ, JAXSEQ_MALLOC=setting))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[-1] == expect
 
 
 def test_help_lists_every_flag(capsys):
@@ -117,8 +146,6 @@ def test_help_lists_every_flag(capsys):
     assert bench.main([]) == 2 and "charlm" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("experiments.bench_word2vec") is None,
-                    reason="experiments/bench_word2vec.py not written yet")
 def test_word2vec_is_delegated(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["word2vec", "--help"])
@@ -133,8 +160,9 @@ def test_retain_freed_memory_makes_xla_reuse_its_temporaries(setting, expect):
     JAX as they are, and every call faults the block in afresh. Both halves are needed:
     the glibc options and inline dispatch (the main thread allocates from the main heap)."""
     code = (
-        "import resource, jax, jax.numpy as jnp, experiments._malloc as m\n"
+        "import resource, experiments._malloc as m\n"
         "m.retain_freed_memory()\n"
+        "import jax, jax.numpy as jnp\n"
         "f = jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * 2.0)[::1000]\n"
         "            + jnp.cumsum(jnp.cos(x))[::1000])\n"
         "x = jnp.ones((1 << 24,), jnp.float32)\n"

@@ -92,8 +92,8 @@ def test_flax_cell_in_nn_rnn_equals_unroll(cell_name):
 
     for reverse in (False, True):
         flax_carry, flax_ys = jax.jit(
-            lambda v, x, c: layer.apply(v, x, initial_carry=c, seq_lengths=lengths,
-                                        reverse=reverse, keep_order=True)
+            lambda v, x, c, reverse=reverse: layer.apply(
+                v, x, initial_carry=c, seq_lengths=lengths, reverse=reverse, keep_order=True)
         )(variables, xs_bt, carry0)
         carry, ys = jaxseq.unroll(cell, params, carry0, xs, reverse=reverse,
                                   seq_lengths=lengths)

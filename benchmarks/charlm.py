@@ -1,6 +1,6 @@
 """Char-LM training and sampling throughput: jaxseq vs flax.linen vs PyTorch.
 
-Training (``python -m experiments.bench charlm``): the same model in every implementation
+Training (``python -m benchmarks charlm``): the same model in every implementation
 (embedding of width H, ``--layers`` recurrent layers of H units, a dense decoder to the
 vocabulary; Adam, clipping by global norm 5, float32) trained on random tokens. Every
 implementation runs in its own worker process, so each one's peak RSS is its own; the
@@ -10,11 +10,11 @@ drift on a shared machine hits all of them alike. Reported: the median of the ti
 as characters per second, the compile time of the train step, the worker's peak RSS, and
 the ratios to PyTorch and to flax.linen within the group.
 
-Sampling (``python -m experiments.bench sample``): ``--length`` characters at each
+Sampling (``python -m benchmarks sample``): ``--length`` characters at each
 ``--batch`` from jaxseq's compiled scan (``jaxseq.sample.sample``), from a Python loop
 over a jitted single step, and from a PyTorch ``no_grad`` loop, interleaved in one process.
 
-Compile (``python -m experiments.bench compile``): the compile time of jaxseq's (and
+Compile (``python -m benchmarks compile``): the compile time of jaxseq's (and
 flax.linen's) train step at several sequence lengths.
 """
 
@@ -31,7 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 VOCAB = 65  # Tiny Shakespeare's character set
 CELLS = ("rnn", "lstm", "gru")
@@ -88,6 +89,7 @@ def _plain_model(model):
 def _build_jaxseq(spec: dict, fused: bool = True, table: bool = True):
     import jax
     import numpy as np
+
     from jaxseq import charrnn, parallel
 
     config = charrnn.CharRNNConfig(
@@ -233,7 +235,7 @@ def train_device(spec: dict) -> str:
         else _jax_device()
 
 
-def build_train_step(spec: dict) -> tuple[Callable[[], None], Optional[float]]:
+def build_train_step(spec: dict) -> tuple[Callable[[], None], float | None]:
     """``(run_step, compile_s)`` for ``spec['impl']`` (see ``TRAIN_IMPLS``)."""
     impl = spec["impl"]
     if impl in ("jaxseq", "jaxseq-cores"):  # jaxseq-cores: worker_main made the devices
@@ -265,6 +267,10 @@ def worker_main(spec_json: str) -> int:
     Protocol on stdin: ``steps N`` times N steps and answers ``{"times": [...]}``;
     ``quit`` answers ``{"peak_rss_mb": ...}`` and exits.
     """
+    from experiments import _malloc
+    # The parent passes JAXSEQ_MALLOC (--malloc): keep freed memory and dispatch inline, as
+    # the command lines do, unless it says ``default``. Before JAX creates its CPU client.
+    _malloc.retain_freed_memory()
     spec = json.loads(spec_json)
     if spec.get("cores"):
         os.sched_setaffinity(0, spec["cores"])  # before JAX or PyTorch size their thread pools
@@ -306,7 +312,7 @@ class _Worker:
         self.spec = spec
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "experiments.bench_charlm", "--worker", json.dumps(spec)],
+            [sys.executable, "-m", "benchmarks.charlm", "--worker", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
             env=env)
         self.ready = self._read()
@@ -396,7 +402,7 @@ def _check_choices(impls: Sequence[str], allowed: Sequence[str],
 
 @dataclasses.dataclass(frozen=True)
 class TrainBenchConfig:
-    """Settings of ``python -m experiments.bench charlm``."""
+    """Settings of ``python -m benchmarks charlm``."""
 
     cell: str = _flag("all", "recurrent cell (all: rnn, lstm and gru)",
                       choices=("rnn", "lstm", "gru", "all"))
@@ -434,7 +440,7 @@ class TrainBenchConfig:
                              "worker each (faster to start; peak RSS is then this process's)")
     malloc: str = _flag("retain-jax", "allocator in the workers: retain-jax (the JAX "
                         "workers, jaxseq and flax alike, keep freed memory for reuse and "
-                        "dispatch inline as jaxseq's command lines do, see jaxseq/_malloc.py; "
+                        "dispatch inline as jaxseq's command lines do, see experiments/_malloc.py; "
                         "PyTorch keeps the default), retain-all, or default everywhere",
                         choices=("retain-jax", "retain-all", "default"))
     seed: int = _flag(0, "seed of the weights and the random tokens")
@@ -456,7 +462,7 @@ class TrainBenchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleBenchConfig:
-    """Settings of ``python -m experiments.bench sample``."""
+    """Settings of ``python -m benchmarks sample``."""
 
     cell: str = _flag("lstm", "recurrent cell (all: rnn, lstm and gru)",
                       choices=("rnn", "lstm", "gru", "all"))
@@ -492,7 +498,7 @@ class SampleBenchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CompileBenchConfig:
-    """Settings of ``python -m experiments.bench compile``."""
+    """Settings of ``python -m benchmarks compile``."""
 
     cell: str = _flag("all", "recurrent cell (all: rnn, lstm and gru)",
                       choices=("rnn", "lstm", "gru", "all"))
@@ -569,11 +575,12 @@ def _impl_env(extra_flags: str) -> dict:
     return env
 
 
-def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    config = _parse(TrainBenchConfig, "python -m experiments.bench charlm",
+def train_main(argv: Sequence[str] | None = None) -> int:
+    config = _parse(TrainBenchConfig, "python -m benchmarks charlm",
                     "Training throughput of a char LM: jaxseq vs flax.linen vs PyTorch.", argv)
-    from jaxseq.errors import UsageError
     from tqdm.auto import tqdm
+
+    from jaxseq.errors import UsageError
 
     impls = list(dict.fromkeys(config.impl))
     if "torch" in impls and not _torch_available():
@@ -696,6 +703,7 @@ def _sample_fns(config: SampleBenchConfig, cell: str, hidden: int, batch: int, i
     if {"jaxseq", "jax-loop"} & set(impls):
         import jax
         import jax.numpy as jnp
+
         from jaxseq.models import char_lm
         from jaxseq.sample import sample
 
@@ -754,8 +762,8 @@ def _sample_fns(config: SampleBenchConfig, cell: str, hidden: int, batch: int, i
     return {k: fns[k] for k in impls}
 
 
-def sample_main(argv: Optional[Sequence[str]] = None) -> int:
-    config = _parse(SampleBenchConfig, "python -m experiments.bench sample",
+def sample_main(argv: Sequence[str] | None = None) -> int:
+    config = _parse(SampleBenchConfig, "python -m benchmarks sample",
                     "Sampling throughput of a char LM: jaxseq's compiled scan vs a loop of "
                     "jitted steps vs a PyTorch no_grad loop.", argv)
     if config.cores:  # before JAX's CPU client and PyTorch size their thread pools
@@ -825,8 +833,8 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
 # ================================================================= compile-time benchmark
 
 
-def compile_main(argv: Optional[Sequence[str]] = None) -> int:
-    config = _parse(CompileBenchConfig, "python -m experiments.bench compile",
+def compile_main(argv: Sequence[str] | None = None) -> int:
+    config = _parse(CompileBenchConfig, "python -m benchmarks compile",
                     "Compile time of the JAX train steps at several sequence lengths.", argv)
     out = sys.stderr if config.json else sys.stdout
     rows = []
@@ -847,10 +855,12 @@ def compile_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m experiments.bench_charlm [charlm|sample|compile] ...`` (default: charlm)."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.charlm [charlm|sample|compile] ...`` (default: charlm)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from experiments import _cli
+    from experiments import _cli, _malloc
+    # In this process: the sample and compile benchmarks, and charlm --in-process.
+    _malloc.retain_freed_memory()
     commands = {"charlm": train_main, "sample": sample_main, "compile": compile_main}
     if argv and argv[0] in commands:
         return _cli.run_main(commands[argv[0]], argv[1:])

@@ -1,7 +1,7 @@
 """Word2Vec benchmark: jaxseq against gensim, speed and quality, interleaved.
 
-    python -m experiments.bench word2vec --corpus PATH [--repeats 2] [--json]
-    python -m experiments.bench word2vec --prepare OUT.txt      # build the default corpus
+    python -m benchmarks word2vec --corpus PATH [--repeats 2] [--json]
+    python -m benchmarks word2vec --prepare OUT.txt      # build the default corpus
 
 Both implementations train on the same tokenized sentences (``jaxseq.word2vec.tokenize``)
 with the same settings (dim 100, window 5, negative 5, min_count 5, sample 1e-3, 5 epochs,
@@ -28,11 +28,11 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from experiments import _cli
+from experiments import _cli, _malloc
 from jaxseq import word2vec
 from jaxseq.data import cache_dir, load_corpus
 from jaxseq.errors import UsageError
@@ -80,7 +80,7 @@ class BenchConfig:
 
 
 def _parser():
-    p = _cli.parser("python -m experiments.bench word2vec",
+    p = _cli.parser("python -m benchmarks word2vec",
                     "Word2Vec speed and quality: jaxseq vs gensim on one corpus.")
     p.add_argument("--corpus", default=None, metavar="PATH",
                    help=f"UTF-8 text, a sentence per line (default: the prepared corpus "
@@ -126,6 +126,7 @@ def run_jaxseq(sentences, mode: str, cfg: BenchConfig, seed: int):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _malloc.retain_freed_memory()  # as the command lines do (JAXSEQ_MALLOC=default: not)
     args = _parser().parse_args(argv)
     cfg = _cli.config_from_args(BenchConfig, args)
     for name in ("dim", "window", "negative", "min_count", "epochs", "workers", "repeats"):
