@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from jaxseq._w2v_data import SegmentBatch, pair_mask
+from jaxseq.config import field
 from jaxseq.errors import UsageError
 
 MODES = ("skipgram", "cbow")
@@ -34,42 +35,36 @@ def init_params(key: jax.Array, vocab_size: int, dim: int) -> Word2VecParams:
     return Word2VecParams(w_in, jnp.zeros((vocab_size, dim), jnp.float32))
 
 
-def _field(default, help: str, **extra):
-    # The help text travels in the field's metadata; experiments/_cli.py turns each field
-    # into a --flag with it.
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters of the training algorithm (the CLI adds corpus and output flags)."""
 
-    mode: str = _field("skipgram", "skipgram predicts context from centre, cbow the reverse",
+    mode: str = field("skipgram", "skipgram predicts context from centre, cbow the reverse",
                        choices=MODES)
-    objective: str = _field("negative", "negative sampling, or the full softmax over the "
+    objective: str = field("negative", "negative sampling, or the full softmax over the "
                             "vocabulary (small vocabularies only)", choices=OBJECTIVES)
-    dim: int = _field(100, "embedding size")
-    window: int = _field(5, "maximal context window W (each centre's is uniform on 1..W)")
-    negative: int = _field(5, "negative samples K per pair (per centre for cbow)")
-    min_count: int = _field(5, "drop words seen fewer times")
-    sample: float = _field(1e-3, "subsampling threshold for frequent words (0: off)")
-    epochs: int = _field(5, "passes over the corpus")
-    lr: Optional[float] = _field(None, "initial learning rate, decayed linearly to 1e-4 of it "
+    dim: int = field(100, "embedding size")
+    window: int = field(5, "maximal context window W (each centre's is uniform on 1..W)")
+    negative: int = field(5, "negative samples K per pair (per centre for cbow)")
+    min_count: int = field(5, "drop words seen fewer times")
+    sample: float = field(1e-3, "subsampling threshold for frequent words (0: off)")
+    epochs: int = field(5, "passes over the corpus")
+    lr: Optional[float] = field(None, "initial learning rate, decayed linearly to 1e-4 of it "
                                  "(default: 0.025 skip-gram, 0.05 cbow)")
-    batch: int = _field(512, "centre words per step (rounded down to whole segments)")
-    segment: int = _field(16, "consecutive centre words per segment of a batch")
-    shared_negatives: int = _field(16, "negatives M drawn per group of segments, shared by "
+    batch: int = field(512, "centre words per step (rounded down to whole segments)")
+    segment: int = field(16, "consecutive centre words per segment of a batch")
+    shared_negatives: int = field(16, "negatives M drawn per group of segments, shared by "
                                    "all the group's pairs and weighted K/M")
-    negative_groups: int = _field(16, "groups of segments per step, each with its own shared "
+    negative_groups: int = field(16, "groups of segments per step, each with its own shared "
                                   "negatives (more groups: less weight on each negative row)")
-    dup_limit: float = _field(1.6, "caps lr * (pair contributions a row sums in one step); "
+    dup_limit: float = field(1.6, "caps lr * (pair contributions a row sums in one step); "
                               "past it the row gets that many times their mean (keeps large "
                               "batches from diverging)")
-    shuffle_block: int = _field(2048, "segments are shuffled within consecutive blocks of "
+    shuffle_block: int = field(2048, "segments are shuffled within consecutive blocks of "
                                 "this many (0: across the whole epoch)")
-    steps_per_call: int = _field(16, "train steps fused into one jitted call")
-    min_lr_fraction: float = _field(1e-4, "final learning rate as a fraction of --lr")
-    seed: int = _field(0, "seed for initialisation and sampling; same seed, same vectors")
+    steps_per_call: int = field(16, "train steps fused into one jitted call")
+    min_lr_fraction: float = field(1e-4, "final learning rate as a fraction of lr")
+    seed: int = field(0, "seed for initialisation and sampling; same seed, same vectors")
 
     @property
     def learning_rate(self) -> float:
@@ -88,25 +83,25 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.mode not in MODES:
-            raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.objective not in OBJECTIVES:
-            raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, "
+            raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, "
                              f"got {self.objective!r}")
         for name in ("dim", "window", "negative", "min_count", "epochs", "batch", "segment",
                      "shared_negatives", "negative_groups", "steps_per_call"):
             value = getattr(self, name)
             if value <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+                raise UsageError(f"{name} must be positive, got {value}")
         if self.batch < self.segment:
-            raise UsageError(f"--batch ({self.batch}) must be at least --segment ({self.segment})")
+            raise UsageError(f"batch ({self.batch}) must be at least segment ({self.segment})")
         if not self.learning_rate > 0 or not np.isfinite(self.learning_rate):
-            raise UsageError(f"--lr must be positive, got {self.lr}")
+            raise UsageError(f"lr must be positive, got {self.lr}")
         if self.sample < 0:
-            raise UsageError(f"--sample must be >= 0, got {self.sample}")
+            raise UsageError(f"sample must be >= 0, got {self.sample}")
         if not 0 < self.min_lr_fraction <= 1:
-            raise UsageError(f"--min-lr-fraction must be in (0, 1], got {self.min_lr_fraction}")
+            raise UsageError(f"min_lr_fraction must be in (0, 1], got {self.min_lr_fraction}")
         if not self.dup_limit > 0:
-            raise UsageError(f"--dup-limit must be positive, got {self.dup_limit}")
+            raise UsageError(f"dup_limit must be positive, got {self.dup_limit}")
 
 
 # ----------------------------------------------------------------------------- objectives

@@ -49,10 +49,15 @@ built around products:
 * **Overlap.** Batches are built with NumPy on a background thread while the device runs
   ``steps_per_call`` steps in one jitted ``lax.scan``.
 
-    >>> from jaxseq import word2vec
-    >>> sentences = word2vec.tokenize(open("corpus.txt").read())      # doctest: +SKIP
-    >>> result = word2vec.train(sentences, word2vec.TrainConfig(mode="skipgram"))  # doctest: +SKIP
-    >>> word2vec.most_similar(result.vocab.words, result.vectors, "king")           # doctest: +SKIP
+The training loop (progress, checkpoints, resume, signals) is ``experiments.word2vec.train``;
+this module holds its pieces: ``prepare``, ``plan``, ``make_trainer`` (the placed state and
+the jitted chunk function), ``epoch_batches``, checkpoint metadata, vectors I/O,
+``most_similar`` and ``analogy``.
+
+    >>> from experiments.word2vec import train                          # doctest: +SKIP
+    >>> sentences = word2vec.tokenize(open("corpus.txt").read())        # doctest: +SKIP
+    >>> result = train(sentences, word2vec.TrainConfig(mode="skipgram"))  # doctest: +SKIP
+    >>> word2vec.most_similar(result.vocab.words, result.vectors, "king")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -60,15 +65,11 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import signal
-import sys
-import time
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxseq._w2v_data import (
     PAD_SENTENCE,
@@ -128,16 +129,16 @@ from jaxseq.errors import UsageError
 
 __all__ = [
     "MODES", "OBJECTIVES", "NO_GENSIM", "PAD_SENTENCE", "AnalogyScore", "EncodedCorpus",
-    "PairScore", "Plan", "Prepared", "Scores", "SegmentBatch", "TrainConfig", "TrainResult",
+    "PairScore", "Plan", "Prepared", "Scores", "SegmentBatch", "TrainConfig", "Trainer",
     "TrainState", "UsageError", "Vocab", "Word2VecParams", "analogy", "build_vocab", "check_resume",
-    "find_resume_checkpoint",
+    "checkpoint_meta", "epoch_batches", "make_trainer", "position_after",
     "cbow_hidden", "cbow_negative_grads", "cbow_negative_loss", "cbow_softmax_loss", "encode",
     "evaluate", "evaluate_analogies", "evaluate_pairs", "format_scores", "gensim_test_data",
     "init_params", "keep_probabilities", "load_vectors", "make_chunk_fn", "make_optimizer",
     "most_similar", "negative_cdf", "pair_mask", "pairs_from_batch", "plan", "prepare",
     "sample_negatives", "sample_windows", "save_binary", "save_text", "skipgram_negative_grads",
     "skipgram_negative_loss", "skipgram_softmax_loss", "spearman", "step_loss", "subsample",
-    "tokenize", "train", "train_step",
+    "tokenize", "train_step",
 ]
 
 
@@ -159,24 +160,10 @@ def prepare(sentences: Sequence[Sequence[str]], config: TrainConfig) -> Prepared
                     negative_cdf(vocab.counts))
 
 
-class TrainResult(NamedTuple):
-    vocab: Vocab
-    params: Word2VecParams
-    vectors: np.ndarray           # (V, D) the input vectors, as exported
-    raw_words: int                # corpus words per epoch (before subsampling)
-    seconds: float                # training wall time, compilation included
-    words_per_s: float            # corpus words trained in this call / seconds
-    epochs_done: float            # fraction of the requested epochs completed
-    interrupted: Optional[int]    # signal number that stopped training early (0: should_stop),
-                                  # None when every epoch ran
-    checkpoint: Optional[pathlib.Path] = None  # the last checkpoint written (checkpoint_dir)
-    resumed_from: Optional[tuple[int, int]] = None  # (epoch, call) a resume started at
-
-
 CHECKPOINT_KIND = "word2vec"
 
 
-def _position(chunk: Chunk) -> tuple[int, int]:
+def position_after(chunk: Chunk) -> tuple[int, int]:
     """(epoch, calls done in it) after ``chunk``; a finished epoch is (epoch + 1, 0)."""
     if chunk.call + 1 >= chunk.calls:
         return chunk.epoch + 1, 0
@@ -187,22 +174,13 @@ def _config_dict(config: TrainConfig) -> dict:
     return {k: getattr(config, k) for k in config.__dataclass_fields__}
 
 
-def find_resume_checkpoint(directory: str | os.PathLike) -> Optional[pathlib.Path]:
-    """The checkpoint a resume of ``directory`` starts from, or None when it holds none.
-
-    Falls back to the previous checkpoint when the newest is unreadable; when checkpoint
-    files exist but none can be read, raises the newest one's UsageError instead of
-    silently starting over.
-    """
-    directory = pathlib.Path(directory)
-    if not directory.exists():
-        return None
-    found = ckpt.find(directory)
-    if found is None:
-        for name in (ckpt.CHECKPOINT_NAME, ckpt.PREVIOUS_NAME):
-            if (directory / name).is_file():
-                ckpt.read_meta(directory / name)  # raises the reason
-    return found
+def checkpoint_meta(config: TrainConfig, vocab: Vocab, position: tuple[int, int],
+                    done_words: float) -> dict:
+    """The JSON metadata saved beside the state: config, vocabulary and data position
+    (``(epoch, calls done in it)``, and corpus words trained so far)."""
+    return {"kind": CHECKPOINT_KIND, "config": _config_dict(config), "epoch": position[0],
+            "call": position[1], "done_words": done_words, "words": list(vocab.words),
+            "counts": [int(c) for c in vocab.counts]}
 
 
 def check_resume(path: pathlib.Path, config: TrainConfig, vocab: Optional[Vocab] = None
@@ -221,42 +199,13 @@ def check_resume(path: pathlib.Path, config: TrainConfig, vocab: Optional[Vocab]
     diff = [k for k in now if saved.get(k) != now[k]]
     if diff:
         raise UsageError(f"cannot resume from {path}: it was trained with "
-                         + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})"
-                                     for k in diff))
+                         + ", ".join(f"{k}={saved.get(k)} (now {now[k]})" for k in diff))
     if vocab is not None and (meta.get("words") != list(vocab.words)
                               or meta.get("counts") != [int(c) for c in vocab.counts]):
         raise UsageError(f"cannot resume from {path}: this corpus gives another vocabulary "
                          f"({len(vocab)} words, the checkpoint has {len(meta.get('words', []))});"
-                         f" another --corpus?")
+                         f" another corpus?")
     return meta
-
-
-class _StopSignals:
-    """SIGINT/SIGTERM set a flag that the training loop checks between device calls."""
-
-    def __init__(self, enabled: bool):
-        self.received: Optional[int] = None
-        self._enabled = enabled
-        self._old = {}
-
-    def __enter__(self):
-        if self._enabled:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    self._old[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread: leave signals alone
-                    pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
 
 
 class Plan(NamedTuple):
@@ -278,187 +227,105 @@ def plan(prepared: Prepared, config: TrainConfig) -> Plan:
     return Plan(per_step, groups, steps, calls * steps * config.epochs)
 
 
-def train(sentences: Sequence[Sequence[str]] | Prepared, config: TrainConfig, *,
-          progress: bool = True, handle_signals: bool = False,
-          should_stop: Callable[[], bool] | None = None,
-          log: Callable[[str], None] | None = None, devices: Optional[int] = None,
-          gather_updates: bool = True, checkpoint_dir: str | os.PathLike | None = None,
-          resume: bool = False, save_every: int = 0) -> TrainResult:
-    """Trains word vectors.
+class Trainer(NamedTuple):
+    """What a training loop runs: the state placed on its devices and the chunk function.
+
+    Attributes:
+      plan: the batch geometry (``plan``).
+      mesh: the data-parallel mesh, or None on one device.
+      state: the initial (or restored) ``TrainState``, placed on the mesh.
+      chunk_fn: jitted ``(state, batch) -> (state, loss)`` (``make_chunk_fn``); lower it
+        with ``batch_shapes`` to compile ahead of the first batch.
+      batch_shapes: ``SegmentBatch`` of ``ShapeDtypeStruct``, ``(steps, per_step, ...)``.
+      put_batch: places a host ``SegmentBatch`` as ``chunk_fn`` expects it.
+    """
+
+    plan: Plan
+    mesh: Any
+    state: TrainState
+    chunk_fn: Callable
+    batch_shapes: SegmentBatch
+    put_batch: Callable[[SegmentBatch], SegmentBatch]
+
+
+def initial_state(prepared: Prepared, config: TrainConfig, plan_: Plan) -> TrainState:
+    """Fresh tables (``init_params``) and optimizer state; the template a checkpoint loads into."""
+    params = init_params(jax.random.key(config.seed), len(prepared.vocab), config.dim)
+    return TrainState(params, make_optimizer(config, plan_.total_steps).init(params))
+
+
+def make_trainer(prepared: Prepared, config: TrainConfig, *, state: Optional[TrainState] = None,
+                 devices: Optional[int] = None, with_loss: bool = True,
+                 gather_updates: bool = True) -> Trainer:
+    """The state and chunk function of a run, for one device or a data-parallel mesh.
 
     Args:
-      sentences: tokenized sentences (``tokenize``), or the output of ``prepare``.
+      prepared: the corpus (``prepare``).
       config: hyperparameters.
-      progress: show a tqdm bar with words/s on stderr.
-      handle_signals: stop cleanly on SIGINT/SIGTERM (between device calls) and report
-        the signal in ``TrainResult.interrupted``, keeping the vectors trained so far.
-      should_stop: polled between device calls; True stops training early.
-      log: where to write one-line messages (default: stderr).
+      state: a restored state (default: ``initial_state``).
       devices: shard each step's segments over this many devices (default: every device,
-        across processes after ``parallel.initialize_distributed``); the tables are
-        replicated and the global batch does not depend on the device count, so neither do
-        the vectors (up to float summation order). One device runs the plain jitted step.
-      gather_updates: with several devices, all-gather each step's update rows and scatter
-        them into every copy of the tables (True), or let XLA all-reduce whole tables of
-        partial updates (False; slower, kept for comparison).
-      checkpoint_dir: write ``checkpoint.npz`` (tables, optimizer state, position, config,
-        vocabulary) here at the end of every epoch, every ``save_every`` device calls, when
-        training stops early and at the end. Batches are a pure function of (seed, epoch,
-        position), so a resume continues to exactly the vectors of an uninterrupted run.
-      resume: continue from ``checkpoint_dir``'s checkpoint (from the beginning, with a log
-        line, when there is none yet). Without it an old checkpoint there is removed.
-      save_every: device calls between checkpoints (0: only at epoch ends).
-
-    Returns:
-      A ``TrainResult``; a seed gives the same vectors every run.
+        across processes); the tables are replicated and the global batch does not depend
+        on the device count.
+      with_loss: the chunk function also returns a loss (``make_chunk_fn``).
+      gather_updates: see ``make_chunk_fn``.
 
     Raises:
-      UsageError: bad config, too many devices, a step whose segments do not divide
-        evenly over the devices, or a checkpoint that is unreadable or of another run.
+      UsageError: too many devices, or a step whose segments do not divide evenly over them.
     """
-    prepared = sentences if isinstance(sentences, Prepared) else prepare(sentences, config)
-    config.validate()
-    vocab, corpus = prepared.vocab, prepared.corpus
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    per_step, groups, steps, total_steps = plan(prepared, config)
+    plan_ = plan(prepared, config)
+    per_step, groups, steps, total_steps = plan_
     mesh = _mesh(devices, per_step, config)
-    if not parallel.is_main_process():
-        progress, log = False, (lambda msg: None)
-    if save_every < 0:
-        raise UsageError(f"--save-every must be >= 0, got {save_every}")
-    key = jax.random.key(config.seed)
-    params = init_params(key, len(vocab), config.dim)
-    optimizer = make_optimizer(config, total_steps)
-    state = TrainState(params, optimizer.init(params))
-    main = parallel.is_main_process()
-    first_epoch, first_call, done_words, resumed_from = 0, 0, 0.0, None
-    if checkpoint_dir is not None:
-        checkpoint_dir = pathlib.Path(checkpoint_dir)
-        found = find_resume_checkpoint(checkpoint_dir) if resume else None
-        if found is not None:
-            meta = check_resume(found, config, vocab)
-            state, _ = ckpt.load(found, state)
-            first_epoch, first_call = int(meta["epoch"]), int(meta["call"])
-            done_words, resumed_from = float(meta["done_words"]), (first_epoch, first_call)
-            if found.name != ckpt.CHECKPOINT_NAME:
-                log(f"warning: {checkpoint_dir / ckpt.CHECKPOINT_NAME} is unreadable; "
-                    f"resuming from the previous checkpoint {found.name}")
-            if first_epoch >= config.epochs:
-                log(f"{found} holds a finished run ({config.epochs} epochs): nothing to train")
-            else:
-                log(f"resumed from {found} at epoch {first_epoch + 1}, device call "
-                    f"{first_call} of the epoch ({done_words / corpus.raw_words:.2f} epochs "
-                    f"done)")
-        else:
-            if resume:
-                log(f"no checkpoint in {checkpoint_dir} yet: starting from the beginning")
-            if main:
-                for name in (ckpt.CHECKPOINT_NAME, ckpt.PREVIOUS_NAME):
-                    (checkpoint_dir / name).unlink(missing_ok=True)
+    state = initial_state(prepared, config, plan_) if state is None else state
     width = config.segment + 2 * config.window
     shapes = SegmentBatch(
         *(jax.ShapeDtypeStruct((steps, per_step, n), jnp.int32)
           for n in (width, width, config.segment, config.segment, config.segment)),
         jax.ShapeDtypeStruct((steps, groups, config.shared_negatives), jnp.int32))
+    optimizer = make_optimizer(config, total_steps)
     if mesh is None:
-        state_sharding, put_batch = None, (lambda batch: batch)
-    else:
-        state = parallel.replicate(mesh, state)
-        state_sharding = jax.tree.map(lambda x: x.sharding, state)
-        # Negative groups follow the segments when they split evenly; otherwise the (small)
-        # negative-id array is replicated.
-        neg_axis = 1 if groups % mesh.size == 0 else None
+        chunk_fn = make_chunk_fn(config, optimizer, with_loss=with_loss)
+        return Trainer(plan_, None, state, chunk_fn, shapes, lambda batch: batch)
+    state = parallel.replicate(mesh, state)
+    # Negative groups follow the segments when they split evenly; otherwise the (small)
+    # negative-id array is replicated.
+    neg_axis = 1 if groups % mesh.size == 0 else None
 
-        def put_batch(batch: SegmentBatch) -> SegmentBatch:
-            return SegmentBatch(
-                *(parallel.shard_batch(mesh, x, axis=1) for x in batch[:-1]),
-                parallel.shard_batch(mesh, batch.neg_ids, axis=1) if neg_axis
-                else parallel.replicate(mesh, batch.neg_ids))
+    def put_batch(batch: SegmentBatch) -> SegmentBatch:
+        return SegmentBatch(
+            *(parallel.shard_batch(mesh, x, axis=1) for x in batch[:-1]),
+            parallel.shard_batch(mesh, batch.neg_ids, axis=1) if neg_axis
+            else parallel.replicate(mesh, batch.neg_ids))
 
-        shardings = SegmentBatch(
-            *(parallel.batch_sharding(mesh, 3, 1) for _ in range(5)),
-            parallel.batch_sharding(mesh, 3, 1) if neg_axis else parallel.replicated(mesh))
-        shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              shapes, shardings)
-        log(f"word2vec: {parallel.describe(mesh)}, {per_step // mesh.size} of {per_step} "
-            f"segments per step on each device")
+    shardings = SegmentBatch(
+        *(parallel.batch_sharding(mesh, 3, 1) for _ in range(5)),
+        parallel.batch_sharding(mesh, 3, 1) if neg_axis else parallel.replicated(mesh))
+    shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+    chunk_fn = make_chunk_fn(config, optimizer, with_loss=with_loss,
+                             state_sharding=jax.tree.map(lambda x: x.sharding, state),
+                             gather_updates=gather_updates)
+    return Trainer(plan_, mesh, state, chunk_fn, shapes, put_batch)
 
-    def make_epoch(epoch: int):
-        # Each epoch's randomness is its own generator seeded by (seed, epoch), so a resume
-        # can rebuild any epoch's remaining batches without replaying the earlier ones.
-        return epoch_chunks(corpus, prepared.keep, prepared.cdf, window=config.window,
-                            segment=config.segment, segments_per_step=per_step,
-                            steps_per_call=steps, shared_negatives=config.shared_negatives,
-                            negative_groups=groups, shuffle_block=config.shuffle_block,
-                            rng=np.random.default_rng([config.seed, epoch]), epoch=epoch,
-                            skip=first_call if epoch == first_epoch else 0)
 
-    position = (first_epoch, first_call)
-    saved_at, last_checkpoint = position, None
+def epoch_batches(prepared: Prepared, config: TrainConfig, plan_: Plan, epoch: int, *,
+                  skip: int = 0) -> Iterator[Chunk]:
+    """The device calls' batches of one epoch, after the first ``skip`` of them.
 
-    def save_checkpoint():
-        nonlocal saved_at, last_checkpoint
-        if checkpoint_dir is None or saved_at == position and last_checkpoint is not None:
-            return
-        local = state if mesh is None else parallel.to_local(state)
-        if main:
-            meta = {"kind": CHECKPOINT_KIND, "config": _config_dict(config),
-                    "epoch": position[0], "call": position[1], "done_words": done_words,
-                    "words": list(vocab.words), "counts": [int(c) for c in vocab.counts]}
-            last_checkpoint = ckpt.save(checkpoint_dir, local, meta)
-        saved_at = position
-
-    start = time.perf_counter()
-    total_words = corpus.raw_words * config.epochs
-    pending, interrupted, calls_since_save, start_words = None, None, 0, done_words
-    with _StopSignals(handle_signals) as signals:
-        producer = BatchProducer(make_epoch, config.epochs, first_epoch=first_epoch)
-        bar = tqdm(total=total_words, initial=min(round(done_words), total_words),
-                   disable=not progress, unit="word", unit_scale=True,
-                   dynamic_ncols=True, file=sys.stderr, desc=f"word2vec {config.mode}")
-        try:
-            # Compile while the producer builds the first batches.
-            run_chunk = make_chunk_fn(config, optimizer, with_loss=progress,
-                                      state_sharding=state_sharding,
-                                      gather_updates=gather_updates).lower(
-                state, shapes).compile()
-            for chunk in producer:
-                if signals.received is not None or (should_stop is not None and should_stop()):
-                    break
-                state, loss = run_chunk(state, put_batch(chunk.batch))
-                if pending is not None and pending[0] is not None:  # that call is done by now
-                    bar.set_postfix(epoch=pending[1] + 1, loss=f"{float(pending[0]):.3f}")
-                pending = (loss, chunk.epoch)
-                done_words += chunk.raw_words
-                position = _position(chunk)
-                calls_since_save += 1
-                bar.update(min(round(done_words), total_words) - bar.n)
-                if checkpoint_dir is not None and (
-                        position[1] == 0 or (save_every and calls_since_save >= save_every)):
-                    save_checkpoint()
-                    calls_since_save = 0
-            jax.block_until_ready(state)
-            save_checkpoint()  # the end, or where training stopped early
-        finally:
-            producer.close()
-            bar.close()
-        if done_words < total_words * (1 - 1e-9):
-            interrupted = signals.received if signals.received is not None else 0
-    seconds = time.perf_counter() - start
-    params = state.params if mesh is None else parallel.to_local(state.params)
-    if not bool(jnp.all(jnp.isfinite(params.w_in))):
-        log("warning: training produced non-finite vectors; try a lower --lr or --batch")
-    vectors = np.asarray(params.w_in)
-    return TrainResult(vocab, params, vectors, corpus.raw_words, seconds,
-                       (done_words - start_words) / max(seconds, 1e-9),
-                       done_words / max(total_words, 1),
-                       interrupted, last_checkpoint, resumed_from)
+    Each epoch's randomness is its own generator seeded by ``(seed, epoch)``, so a resume
+    rebuilds any epoch's remaining batches without replaying the earlier ones.
+    """
+    return epoch_chunks(prepared.corpus, prepared.keep, prepared.cdf, window=config.window,
+                        segment=config.segment, segments_per_step=plan_.segments_per_step,
+                        steps_per_call=plan_.steps_per_call,
+                        shared_negatives=config.shared_negatives,
+                        negative_groups=plan_.negative_groups, shuffle_block=config.shuffle_block,
+                        rng=np.random.default_rng([config.seed, epoch]), epoch=epoch, skip=skip)
 
 
 def _mesh(devices: Optional[int], per_step: int, config: TrainConfig):
     """The data-parallel mesh for ``devices`` (None: all), or None for one device."""
     if devices is not None and devices < 1:
-        raise UsageError(f"--devices must be positive, got {devices}")
+        raise UsageError(f"devices must be positive, got {devices}")
     single = devices == 1 or (devices is None and len(jax.devices()) == 1)
     if single and jax.process_count() == 1:
         return None  # the plain jitted step, no sharding machinery at all
@@ -468,9 +335,9 @@ def _mesh(devices: Optional[int], per_step: int, config: TrainConfig):
     if per_step % mesh.size:
         reduced = per_step < config.segments_per_step
         raise UsageError(
-            f"a step's {per_step} segments (--batch {config.batch} / --segment "
+            f"a step's {per_step} segments (batch {config.batch} / segment "
             f"{config.segment}{', reduced to fit this small corpus' if reduced else ''}) "
-            f"must divide evenly over {mesh.size} devices; change --batch or --devices")
+            f"must divide evenly over {mesh.size} devices; change batch or devices")
     return mesh
 
 
@@ -493,7 +360,7 @@ def most_similar(words: Sequence[str], vectors: np.ndarray, query: str | Sequenc
     for w in (*positive, *negative):
         if w not in index:
             raise UsageError(f"word {w!r} is not in the vocabulary ({len(words)} words; "
-                             f"words are lower-cased and need --min-count occurrences)")
+                             f"words are lower-cased and need min_count occurrences)")
     unit = np.asarray(vectors, np.float32)
     unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
     target = unit[[index[w] for w in positive]].sum(0)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import word2vec as w2v_run
 from jaxseq import word2vec as w2v
 from jaxseq._w2v_data import epoch_chunks
 
@@ -236,7 +237,7 @@ SMALL = dict(dim=16, window=3, min_count=1, sample=0.0, epochs=3, batch=64, segm
 def test_planted_cooccurrence_is_learned(mode, objective):
     corpus, words = _planted_corpus()
     config = w2v.TrainConfig(mode=mode, objective=objective, seed=1, **SMALL)
-    result = w2v.train(corpus, config, progress=False)
+    result = w2v_run.train(corpus, config, progress=False)
     same, other = _topic_margin(result, words)
     assert same > other + 0.3, (same, other)
     assert result.epochs_done == pytest.approx(1.0) and result.interrupted is None
@@ -249,9 +250,9 @@ def test_planted_cooccurrence_is_learned(mode, objective):
 def test_fixed_seed_gives_identical_vectors():
     corpus, _ = _planted_corpus(sentences=150)
     config = w2v.TrainConfig(seed=5, **{**SMALL, "epochs": 2})
-    a = w2v.train(corpus, config, progress=False).vectors
-    b = w2v.train(corpus, config, progress=False).vectors
-    c = w2v.train(corpus, dataclasses.replace(config, seed=6), progress=False).vectors
+    a = w2v_run.train(corpus, config, progress=False).vectors
+    b = w2v_run.train(corpus, config, progress=False).vectors
+    c = w2v_run.train(corpus, dataclasses.replace(config, seed=6), progress=False).vectors
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -260,11 +261,11 @@ def test_large_batches_with_summed_duplicates_do_not_diverge():
     # 24 words and 1024 centres per step: each row sums hundreds of stale pair updates.
     corpus, words = _planted_corpus(sentences=1500)
     big = {**SMALL, "batch": 1024, "segment": 32, "epochs": 4}
-    unlimited = w2v.train(corpus, w2v.TrainConfig(**big, dup_limit=1e9), progress=False,
+    unlimited = w2v_run.train(corpus, w2v.TrainConfig(**big, dup_limit=1e9), progress=False,
                           log=lambda msg: None)
     blown = unlimited.vectors[np.isfinite(unlimited.vectors)]
     assert blown.size < unlimited.vectors.size or np.abs(blown).max() > 1e3  # plain sums blow up
-    limited = w2v.train(corpus, w2v.TrainConfig(**big), progress=False)
+    limited = w2v_run.train(corpus, w2v.TrainConfig(**big), progress=False)
     assert np.all(np.isfinite(limited.vectors))
     assert np.abs(limited.vectors).max() < 10
     assert np.all(np.isfinite(limited.params.w_out))
@@ -312,9 +313,9 @@ def test_learning_rate_decays_linearly():
 @pytest.mark.parametrize("text,kwargs,match", [
     ("", {}, "no words"),
     ("a b c\nd e f\n", {"min_count": 5}, "min-count"),
-    ("a b c", {"dim": 0}, "--dim"),
-    ("a b c", {"window": -1}, "--window"),
-    ("a b c", {"lr": -0.1}, "--lr"),
+    ("a b c", {"dim": 0}, "^dim must be positive"),
+    ("a b c", {"window": -1}, "^window must be positive"),
+    ("a b c", {"lr": -0.1}, "^lr must be positive"),
 ])
 def test_bad_input_is_a_usage_error(text, kwargs, match):
     with pytest.raises(w2v.UsageError, match=match):

@@ -32,7 +32,7 @@ def corpus(tmp_path):
 
 def test_trains_and_writes_both_formats(corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    code = cli.main(["--corpus", str(corpus), "--out", str(out), "--query", "king",
+    code = cli.main(["--data", str(corpus), "--out", str(out), "--query", "king",
                      "--analogy", "dog", "cat", "king", *FAST])
     assert code == 0
     words_t, vec_t = w2v.load_vectors(out / "vectors.txt")
@@ -51,7 +51,7 @@ def test_trains_and_writes_both_formats(corpus, tmp_path, capsys):
 def test_gensim_reads_the_cli_output(corpus, tmp_path):
     KeyedVectors = pytest.importorskip("gensim.models").KeyedVectors
     out = tmp_path / "run"
-    assert cli.main(["--corpus", str(corpus), "--out", str(out), "--mode", "cbow", *FAST]) == 0
+    assert cli.main(["--data", str(corpus), "--out", str(out), "--mode", "cbow", *FAST]) == 0
     words, vectors = w2v.load_vectors(out / "vectors.txt")
     for name, binary in (("vectors.txt", False), ("vectors.bin", True)):
         kv = KeyedVectors.load_word2vec_format(str(out / name), binary=binary)
@@ -63,16 +63,16 @@ def test_refuses_non_empty_out_dir_without_overwrite(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code = _cli.run_main(cli.main, ["--corpus", str(corpus), "--out", str(out), *FAST])
+    code = _cli.run_main(cli.main, ["--data", str(corpus), "--out", str(out), *FAST])
     assert code == 2
     err = capsys.readouterr().err
     assert "not empty" in err and "--overwrite" in err
-    assert cli.main(["--corpus", str(corpus), "--out", str(out), "--overwrite", *FAST]) == 0
+    assert cli.main(["--data", str(corpus), "--out", str(out), "--overwrite", *FAST]) == 0
     assert (out / "vectors.bin").is_file() and (out / "keep.txt").read_text() == "mine"
 
 
 def test_eval_prints_scores_or_says_why_not(corpus, tmp_path, capsys):
-    assert cli.main(["--corpus", str(corpus), "--out", str(tmp_path / "r"), "--eval",
+    assert cli.main(["--data", str(corpus), "--out", str(tmp_path / "r"), "--eval",
                      *FAST]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     if w2v.gensim_test_data() is None:
@@ -82,16 +82,16 @@ def test_eval_prints_scores_or_says_why_not(corpus, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--dim", "0"], "--dim must be positive"),
-    (["--window", "-2"], "--window must be positive"),
-    (["--epochs", "0"], "--epochs must be positive"),
+    (["--dim", "0"], "dim must be positive"),
+    (["--window", "-2"], "window must be positive"),
+    (["--epochs", "0"], "epochs must be positive"),
     (["--min-count", "1000"], "min-count"),
     (["--query", "zebra"], "not in the vocabulary"),
     (["--analogy", "king", "queen", "unicorn"], "not in the vocabulary"),
 ])
 def test_bad_input_is_one_line_and_exit_2(corpus, tmp_path, capsys, args, message):
     fast = [a for a in FAST]
-    code = _cli.run_main(cli.main, ["--corpus", str(corpus), "--out", str(tmp_path / "r"),
+    code = _cli.run_main(cli.main, ["--data", str(corpus), "--out", str(tmp_path / "r"),
                                     *fast, *args])
     assert code == 2
     err = capsys.readouterr().err.strip()
@@ -99,6 +99,7 @@ def test_bad_input_is_one_line_and_exit_2(corpus, tmp_path, capsys, args, messag
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_empty_corpus_in_a_subprocess_has_no_traceback(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n !!! \n")  # no word characters at all
@@ -111,6 +112,7 @@ def test_empty_corpus_in_a_subprocess_has_no_traceback(tmp_path):
     assert proc.stderr.strip() == "error: the corpus holds no words"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_vectors_and_exits_cleanly(corpus, tmp_path, sig):
     out = tmp_path / "run"

@@ -11,6 +11,7 @@ import pytest
 
 from experiments import _cli
 from experiments import word2vec as cli
+from experiments import word2vec as w2v_run
 from jaxseq import word2vec as w2v
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    assert cli.main(["--corpus", str(corpus), "--out", str(out), "--devices", "1", *ARGS]) == 0
+    assert cli.main(["--data", str(corpus), "--out", str(out), "--devices", "1", *ARGS]) == 0
     return w2v.load_vectors(out / "vectors.bin")
 
 
@@ -48,9 +49,10 @@ def run(args, env_extra=None, module=("-m", "experiments.word2vec")):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_four_devices_match_one(corpus, single, tmp_path):
     out = tmp_path / "four"
-    proc = run(["--corpus", corpus, "--out", out, *ARGS], FOUR)  # default: all 4 devices
+    proc = run(["--data", corpus, "--out", out, *ARGS], FOUR)  # default: all 4 devices
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "4 cpu device(s)" in err and "4 of 16 segments per step" in err
@@ -64,6 +66,7 @@ def test_four_devices_match_one(corpus, single, tmp_path):
 _MODES = """
 import json, sys
 import numpy as np
+from experiments import word2vec as w2v_run
 from jaxseq import word2vec as w2v
 sentences = w2v.tokenize(open(sys.argv[1]).read())
 diffs = {}
@@ -71,8 +74,8 @@ for mode, objective, epochs in (("cbow", "negative", 2), ("skipgram", "softmax",
     cfg = w2v.TrainConfig(mode=mode, objective=objective, dim=16, window=3, min_count=1,
                           epochs=epochs, batch=128, segment=8, negative=3, shared_negatives=8,
                           negative_groups=4, steps_per_call=4)
-    one = w2v.train(sentences, cfg, progress=False, devices=1).vectors
-    four = w2v.train(sentences, cfg, progress=False, devices=4, log=lambda m: None)
+    one = w2v_run.train(sentences, cfg, progress=False, devices=1).vectors
+    four = w2v_run.train(sentences, cfg, progress=False, devices=4, log=lambda m: None)
     assert four.params.w_in.shape == one.shape
     diffs[f"{mode}-{objective}"] = [float(np.abs(one - four.vectors).max()),
                                     float(np.abs(one).max())]
@@ -80,6 +83,7 @@ print(json.dumps(diffs))
 """
 
 
+@pytest.mark.slow
 def test_cbow_and_softmax_on_four_devices(corpus):
     proc = run([corpus], FOUR, module=("-c", _MODES))
     out, err = proc.communicate(timeout=120)
@@ -93,25 +97,27 @@ def test_cbow_and_softmax_on_four_devices(corpus):
 
 def test_too_many_devices_is_one_line(corpus, tmp_path, capsys):
     for devices, message in (("2", "device(s) available"), ("0", "must be positive")):
-        code = _cli.run_main(cli.main, ["--corpus", str(corpus), "--out", str(tmp_path / "r"),
+        code = _cli.run_main(cli.main, ["--data", str(corpus), "--out", str(tmp_path / "r"),
                                         "--devices", devices, *ARGS])
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_batch_must_divide_over_devices(corpus, tmp_path):
-    proc = run(["--corpus", corpus, "--out", tmp_path / "r", *ARGS, "--batch", "48"], FOUR)
+    proc = run(["--data", corpus, "--out", tmp_path / "r", *ARGS, "--batch", "48"], FOUR)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     assert "divide evenly over 4 devices" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 2  # the corpus line, then the error
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(corpus, single, tmp_path, free_port):
     out = tmp_path / "two"
     port = free_port
-    procs = [run(["--corpus", corpus, "--out", out, *ARGS, "--query", "w1", "--coordinator",
+    procs = [run(["--data", corpus, "--out", out, *ARGS, "--query", "w1", "--coordinator",
                   f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", i])
              for i in range(2)]
     results = [p.communicate(timeout=120) for p in procs]

@@ -17,7 +17,7 @@ from jaxseq._w2v_data import epoch_chunks
 FAST = ["--dim", "12", "--window", "2", "--min-count", "1", "--epochs", "3", "--batch", "64",
         "--segment", "8", "--negative", "2", "--shared-negatives", "4", "--steps-per-call", "2",
         "--sample", "0", "--no-progress"]
-REAL_TRAIN = w2v.train
+REAL_TRAIN = cli.train
 
 
 def _corpus(path, seed=0, lines=400):
@@ -36,7 +36,7 @@ def corpus(tmp_path):
 @pytest.fixture
 def straight(corpus, tmp_path):
     out = tmp_path / "straight"
-    assert cli.main(["--corpus", str(corpus), "--out", str(out), *FAST]) == 0
+    assert cli.main(["--data", str(corpus), "--out", str(out), *FAST]) == 0
     return out
 
 
@@ -52,7 +52,7 @@ def _raise_sigint_after(monkeypatch, calls):
             return False
         return REAL_TRAIN(*args, **kwargs, should_stop=should_stop)
 
-    monkeypatch.setattr(cli.word2vec, "train", train)
+    monkeypatch.setattr(cli, "train", train)
 
 
 def _same_files(a, b):
@@ -62,7 +62,7 @@ def _same_files(a, b):
 
 def test_resumed_run_equals_uninterrupted_run(corpus, tmp_path, straight, monkeypatch, capsys):
     out = tmp_path / "run"
-    args = ["--corpus", str(corpus), "--out", str(out), *FAST]
+    args = ["--data", str(corpus), "--out", str(out), *FAST]
     # Stop mid-epoch 1, resume and stop again in epoch 2 (checkpoints every 3 calls too),
     # then resume to the end.
     _raise_sigint_after(monkeypatch, 7)
@@ -95,20 +95,20 @@ def test_resumed_run_equals_uninterrupted_run(corpus, tmp_path, straight, monkey
 
 def test_resume_without_checkpoint_starts_over(corpus, tmp_path, straight, capsys):
     out = tmp_path / "fresh"
-    assert cli.main(["--corpus", str(corpus), "--out", str(out), "--resume", *FAST]) == 0
+    assert cli.main(["--data", str(corpus), "--out", str(out), "--resume", *FAST]) == 0
     assert "no checkpoint in" in capsys.readouterr().err
     _same_files(out, straight)
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--dim", "16"], "--dim 12 (now 16)"),
-    (["--window", "3"], "--window 2 (now 3)"),
-    (["--mode", "cbow"], "--mode skipgram (now cbow)"),
-    (["--negative", "3"], "--negative 2 (now 3)"),
+    (["--dim", "16"], "dim=12 (now 16)"),
+    (["--window", "3"], "window=2 (now 3)"),
+    (["--mode", "cbow"], "mode=skipgram (now cbow)"),
+    (["--negative", "3"], "negative=2 (now 3)"),
 ])
 def test_resume_with_other_config_is_one_line_exit_2(corpus, straight, capsys, flags,
                                                      message):
-    args = ["--corpus", str(corpus), "--out", str(straight), *FAST, "--resume", *flags]
+    args = ["--data", str(corpus), "--out", str(straight), *FAST, "--resume", *flags]
     capsys.readouterr()
     assert _cli.run_main(cli.main, args) == 2
     err = capsys.readouterr().err
@@ -129,7 +129,7 @@ def test_resume_with_other_corpus_is_refused(tmp_path, straight, capsys):
 def test_truncated_checkpoint_falls_back_or_is_refused(corpus, tmp_path, monkeypatch,
                                                        capsys):
     out = tmp_path / "run"
-    args = ["--corpus", str(corpus), "--out", str(out), *FAST]
+    args = ["--data", str(corpus), "--out", str(out), *FAST]
     _raise_sigint_after(monkeypatch, 22)   # epoch 0 ends (a checkpoint), then stops mid epoch 1
     assert cli.main(args) == 130
     monkeypatch.undo()
@@ -151,7 +151,7 @@ def test_truncated_checkpoint_falls_back_or_is_refused(corpus, tmp_path, monkeyp
 
 
 def test_non_empty_out_still_needs_resume_or_overwrite(corpus, straight, capsys):
-    code = _cli.run_main(cli.main, ["--corpus", str(corpus), "--out", str(straight), *FAST])
+    code = _cli.run_main(cli.main, ["--data", str(corpus), "--out", str(straight), *FAST])
     assert code == 2
     assert "not empty" in capsys.readouterr().err
 
@@ -173,3 +173,47 @@ def test_skipped_chunks_equal_the_tail_of_a_full_epoch():
         assert (a.call, a.calls, a.epoch) == (b.call, b.calls, b.epoch)
         for x, y in zip(a.batch, b.batch):
             np.testing.assert_array_equal(x, y)
+
+
+def test_training_never_deletes_checkpoints_unless_asked(corpus, tmp_path, straight):
+    """A run directory that holds a checkpoint is refused without resume or overwrite, and
+    its checkpoint stays; overwrite removes the old run's checkpoints and trains afresh."""
+    prepared = w2v.prepare(w2v.tokenize(corpus.read_text()),
+                           _cli.config_from_args(w2v.TrainConfig, cli._parser().parse_args(FAST)))
+    config = _cli.config_from_args(w2v.TrainConfig, cli._parser().parse_args(FAST))
+    before = {p.name: p.read_bytes() for p in straight.iterdir()}
+    with pytest.raises(w2v.UsageError, match="not empty"):
+        cli.train(prepared, config, progress=False, run_dir=straight)
+    assert {p.name: p.read_bytes() for p in straight.iterdir()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ckpt.PREVIOUS_NAME).write_bytes(before[ckpt.CHECKPOINT_NAME])
+    (other / "notes.txt").write_text("mine")
+    result = cli.train(prepared, config, progress=False, run_dir=other, overwrite=True)
+    assert result.resumed_from is None and result.checkpoint == other / ckpt.CHECKPOINT_NAME
+    assert (other / "notes.txt").read_text() == "mine"
+    assert ckpt.read_meta(other / ckpt.PREVIOUS_NAME)["epoch"] < 3  # the new run's own
+
+
+def test_metrics_log_is_written_and_trimmed_on_resume(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["--data", str(corpus), "--out", str(out), *FAST]
+    _raise_sigint_after(monkeypatch, 22)
+    assert cli.main(args) == 130
+    monkeypatch.undo()
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    meta = ckpt.read_meta(out / ckpt.CHECKPOINT_NAME)
+    assert steps == sorted(steps) and steps[-1] > steps[0]
+    assert cli.main([*args, "--resume"]) == 0
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r["step"] for r in records]
+    assert resumed == sorted(set(resumed))  # no step logged twice
+    assert records[-1]["epochs_done"] == pytest.approx(3)
+    assert resumed[:len(steps)] == steps and meta["epoch"] == 1
+
+
+def test_corpus_is_an_alias_of_data(corpus, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main(["--data", str(corpus), "--out", str(a), *FAST, "--epochs", "1"]) == 0
+    assert cli.main(["--corpus", str(corpus), "--out", str(b), *FAST, "--epochs", "1"]) == 0
+    _same_files(a, b)
