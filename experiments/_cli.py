@@ -14,12 +14,8 @@ import sys
 import typing
 from typing import Any, Callable, Sequence
 
+from jaxseq.config import field  # noqa: F401  (re-exported for the benchmarks' configs)
 from jaxseq.errors import UsageError
-
-
-def field(default: Any, help: str, *, choices: Sequence[Any] | None = None, **kw: Any) -> Any:
-    """A dataclass field carrying its ``--help`` text (and optional choices)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, **kw})
 
 
 class _Parser(argparse.ArgumentParser):

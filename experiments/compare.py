@@ -22,10 +22,10 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-from experiments import _cli
-from jaxseq import analysis
+from experiments import _cli, _malloc, _race
 from jaxseq.charrnn import CharRNNConfig
 from jaxseq.data import CharVocab, load_corpus
+from jaxseq.config import field
 from jaxseq.errors import UsageError
 
 DEFAULT_OUT = "runs/compare"
@@ -39,38 +39,38 @@ LINESTYLES = {"embedding": "-", "onehot": "--"}
 class CompareConfig:
     """Every setting of a comparison (each one is a command-line flag)."""
 
-    cells: tuple[str, ...] = _cli.field(CELL_NAMES, "cells to compare (rnn, lstm, gru)")
-    input: str = _cli.field("embedding", "input encoding: learned embeddings, one-hot vectors, "
+    cells: tuple[str, ...] = field(CELL_NAMES, "cells to compare (rnn, lstm, gru)")
+    input: str = field("embedding", "input encoding: learned embeddings, one-hot vectors, "
                             "or both (every cell twice)", choices=("embedding", "onehot", "both"))
-    match: str = _cli.field("hidden", "hidden: every cell gets --hidden units; params: each "
+    match: str = field("hidden", "hidden: every cell gets --hidden units; params: each "
                             "cell's hidden size is chosen so that its parameter count is closest "
                             "to an LSTM's with --hidden units", choices=("hidden", "params"))
-    hidden: int = _cli.field(128, "units of the recurrent layer(s)")
-    layers: int = _cli.field(1, "stacked recurrent layers")
-    embed: int = _cli.field(32, "embedding width (embedding input)")
-    batch: int = _cli.field(32, "sequences per batch")
-    seq: int = _cli.field(64, "characters per truncated-BPTT window")
-    lr: float = _cli.field(3e-3, "learning rate (Adam, constant after warm-up)")
-    warmup: int = _cli.field(20, "linear warm-up steps")
-    clip: float = _cli.field(5.0, "clip gradients to this global norm (0: off)")
-    seed: int = _cli.field(0, "random seed (initialisation and samples)")
-    budget_chars: Optional[int] = _cli.field(
+    hidden: int = field(128, "units of the recurrent layer(s)")
+    layers: int = field(1, "stacked recurrent layers")
+    embed: int = field(32, "embedding width (embedding input)")
+    batch: int = field(32, "sequences per batch")
+    seq: int = field(64, "characters per truncated-BPTT window")
+    lr: float = field(3e-3, "learning rate (Adam, constant after warm-up)")
+    warmup: int = field(20, "linear warm-up steps")
+    clip: float = field(5.0, "clip gradients to this global norm (0: off)")
+    seed: int = field(0, "random seed (initialisation and samples)")
+    budget_chars: Optional[int] = field(
         None, f"stop each run after this many training characters (default "
               f"{DEFAULT_BUDGET_CHARS:,} when --budget-seconds is not given)")
-    budget_seconds: Optional[float] = _cli.field(
+    budget_seconds: Optional[float] = field(
         None, "stop each run after this many seconds of training wall-clock (evaluation and "
               "compilation excluded); with --budget-chars too, whichever comes first")
-    eval_points: int = _cli.field(10, "validations per run (besides the one at the start)")
-    val_chars: int = _cli.field(0, "validate on the first N characters of the validation "
+    eval_points: int = field(10, "validations per run (besides the one at the start)")
+    val_chars: int = field(0, "validate on the first N characters of the validation "
                                 "split (0: the whole split)")
-    sample_length: int = _cli.field(300, "characters sampled from each model (0: none)")
-    temperature: float = _cli.field(0.8, "sampling temperature")
+    sample_length: int = field(300, "characters sampled from each model (0: none)")
+    temperature: float = field(0.8, "sampling temperature")
 
-    def budget(self) -> analysis.Budget:
+    def budget(self) -> _race.Budget:
         chars = self.budget_chars
         if chars is None and self.budget_seconds is None:
             chars = DEFAULT_BUDGET_CHARS
-        return analysis.Budget(chars=chars, seconds=self.budget_seconds)
+        return _race.Budget(chars=chars, seconds=self.budget_seconds)
 
     def validate(self) -> None:
         unknown = [c for c in self.cells if c not in CELL_NAMES]
@@ -108,11 +108,11 @@ def run_configs(config: CompareConfig, vocab_size: int) -> list[tuple[str, CharR
                              train_fraction=0.9)
         target = None
         if config.match == "params":
-            target = analysis.count_model_params(base, vocab_size)
+            target = _race.count_model_params(base, vocab_size)
         for cell in config.cells:
             c = dataclasses.replace(base, cell=cell)
             if target is not None:
-                c = dataclasses.replace(c, hidden=analysis.hidden_for_param_count(
+                c = dataclasses.replace(c, hidden=_race.hidden_for_param_count(
                     c, vocab_size, target))
             label = cell if config.input != "both" else f"{cell} ({mode})"
             runs.append((label, c))
@@ -143,7 +143,7 @@ def _fmt_int(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def results_table(results: Sequence[analysis.RaceResult]) -> str:
+def results_table(results: Sequence[_race.RaceResult]) -> str:
     """The markdown table: one row per run."""
     head = ("| cell | input | hidden | parameters | chars/s | best val loss (nats/char) | "
             "best val (bits/char) | wall time (s) | chars seen | steps |")
@@ -158,7 +158,7 @@ def results_table(results: Sequence[analysis.RaceResult]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def plot_curves(results: Sequence[analysis.RaceResult], path: pathlib.Path, title: str) -> None:
+def plot_curves(results: Sequence[_race.RaceResult], path: pathlib.Path, title: str) -> None:
     """Validation loss against characters seen (left) and training wall-clock (right)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -237,6 +237,7 @@ def _parser():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _malloc.retain_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     config = _cli.config_from_args(CompareConfig, args)
@@ -250,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = config.budget()
     log = lambda s: print(s, file=sys.stderr, flush=True)
     log(f"{len(runs)} runs, budget {budget.describe()} each, one step of each in turn")
-    results = analysis.race([c for _, c in runs], text, budget, labels=[l for l, _ in runs],
+    results = _race.race([c for _, c in runs], text, budget, labels=[l for l, _ in runs],
                             eval_points=config.eval_points, val_chars=config.val_chars,
                             progress=args.progress, log=log)
     machine = machine_summary()
@@ -272,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = []
     for r in results:
         if config.sample_length and not r.diverged:
-            body = analysis.sample_text(r.model, r.params, vocab, length=config.sample_length,
+            body = _race.sample_text(r.model, r.params, vocab, length=config.sample_length,
                                         seed=config.seed, temperature=config.temperature)
             samples.append(f"## {r.label}\n\nbest validation {r.best_val:.4f} nats/char, "
                            f"temperature {config.temperature}, primed with a newline\n\n"

@@ -29,12 +29,13 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import _cli
+from experiments import _cli, _malloc, _race
 from experiments.compare import (CELL_NAMES, COLORS, describe_machine, machine_summary,
                                  prepare_out_dir)
 from jaxseq import analysis
 from jaxseq.charrnn import CharRNNConfig, build_model
 from jaxseq.data import CharVocab, load_corpus, train_val_split
+from jaxseq.config import field
 from jaxseq.errors import UsageError
 
 DEFAULT_OUT = "runs/vanishing"
@@ -47,28 +48,28 @@ PHASE_NAMES = {"init": "at initialisation", "trained": "trained"}
 class VanishingConfig:
     """Every setting of the vanishing-gradient experiments (each one is a flag)."""
 
-    cells: tuple[str, ...] = _cli.field(CELL_NAMES, "cells to measure (rnn, lstm, gru)")
-    hidden: int = _cli.field(128, "units of the one recurrent layer (Shakespeare model)")
-    embed: int = _cli.field(32, "embedding width (Shakespeare model)")
-    window: int = _cli.field(256, "steps back measured, K (the lecture's claim needs >= 200)")
-    burn_in: int = _cli.field(32, "unmeasured steps that warm the state up before the window")
-    examples: int = _cli.field(32, "text windows the loss gradient is averaged over")
-    jacobian_examples: int = _cli.field(4, "windows (of those) that also get the full "
+    cells: tuple[str, ...] = field(CELL_NAMES, "cells to measure (rnn, lstm, gru)")
+    hidden: int = field(128, "units of the one recurrent layer (Shakespeare model)")
+    embed: int = field(32, "embedding width (Shakespeare model)")
+    window: int = field(256, "steps back measured, K (the lecture's claim needs >= 200)")
+    burn_in: int = field(32, "unmeasured steps that warm the state up before the window")
+    examples: int = field(32, "text windows the loss gradient is averaged over")
+    jacobian_examples: int = field(4, "windows (of those) that also get the full "
                                         "Jacobian norm, H backward passes each (0: skip it)")
-    train_chars: int = _cli.field(1_000_000, "characters of training text each cell sees "
+    train_chars: int = field(1_000_000, "characters of training text each cell sees "
                                   "before the 'after training' measurement")
-    train_batch: int = _cli.field(32, "sequences per training batch")
-    train_seq: int = _cli.field(64, "truncated-BPTT window of that training")
-    lr: float = _cli.field(3e-3, "learning rate (Adam) of both trainings")
-    task_gaps: tuple[int, ...] = _cli.field((5, 10, 20, 40, 80), "recall-task gaps k: the "
+    train_batch: int = field(32, "sequences per training batch")
+    train_seq: int = field(64, "truncated-BPTT window of that training")
+    lr: float = field(3e-3, "learning rate (Adam) of both trainings")
+    task_gaps: tuple[int, ...] = field((5, 10, 20, 40, 80), "recall-task gaps k: the "
                                             "symbol is seen k steps before it is asked for")
-    task_steps: int = _cli.field(1000, "training steps per cell and gap")
-    task_batch: int = _cli.field(32, "recall sequences per training step")
-    task_hidden: int = _cli.field(64, "units of the recall-task models")
-    task_symbols: int = _cli.field(4, "symbols to remember (chance accuracy is 1/this)")
-    task_noise: int = _cli.field(4, "distinct noise tokens between symbol and question")
-    task_eval_size: int = _cli.field(1024, "held-out sequences per accuracy")
-    seed: int = _cli.field(0, "random seed")
+    task_steps: int = field(1000, "training steps per cell and gap")
+    task_batch: int = field(32, "recall sequences per training step")
+    task_hidden: int = field(64, "units of the recall-task models")
+    task_symbols: int = field(4, "symbols to remember (chance accuracy is 1/this)")
+    task_noise: int = field(4, "distinct noise tokens between symbol and question")
+    task_eval_size: int = field(1024, "held-out sequences per accuracy")
+    seed: int = field(0, "random seed")
 
     def validate(self) -> None:
         unknown = [c for c in self.cells if c not in CELL_NAMES]
@@ -235,6 +236,7 @@ def _parser():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _malloc.retain_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     cfg = _cli.config_from_args(VanishingConfig, args)
@@ -262,8 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             jacobian_examples=cfg.jacobian_examples)
 
     log(f"training each cell on {cfg.train_chars:,} characters")
-    trained = analysis.race([cfg.shakespeare_config(c) for c in cfg.cells], text,
-                            analysis.Budget(chars=cfg.train_chars), eval_points=1,
+    trained = _race.race([cfg.shakespeare_config(c) for c in cfg.cells], text,
+                            _race.Budget(chars=cfg.train_chars), eval_points=1,
                             progress=args.progress, log=log)
     val_loss = {}
     for r in trained:
@@ -277,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = [(g, c) for g in gaps for c in cfg.cells]
     for gap, cell in tqdm(jobs, desc="recall task", disable=not args.progress, file=sys.stderr,
                           dynamic_ncols=True):
-        recall.append(analysis.train_recall(
+        recall.append(_race.train_recall(
             cell, gap, hidden=cfg.task_hidden, steps=cfg.task_steps, batch=cfg.task_batch,
             lr=cfg.lr, num_symbols=cfg.task_symbols, num_noise=cfg.task_noise,
             eval_size=cfg.task_eval_size, seed=cfg.seed))

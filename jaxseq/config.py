@@ -10,7 +10,8 @@ def field(default: Any, help: str, *, choices: Sequence[Any] | None = None, **kw
     """A dataclass field that carries its description (and allowed values) in ``metadata``.
 
     The library reads nothing from the metadata; ``experiments/_cli.py`` turns each field
-    into a ``--kebab-case`` flag whose ``--help`` text is ``help``.
+    into a command-line flag of the same name (dashes for underscores) described by
+    ``help``.
 
     Args:
       default: the field's default value (immutable: a tuple, not a list).

@@ -1,7 +1,7 @@
 """Corpora: finding Tiny Shakespeare (download, cache, offline copy) and reading text.
 
 Resolution order for the default corpus:
-  1. an explicit path (``--data PATH``);
+  1. an explicit path (the ``path`` argument);
   2. the environment variable ``JAXSEQ_DATA`` (a file, or a directory holding
      ``tinyshakespeare.txt``);
   3. the cache ``data/tinyshakespeare.txt`` in the checkout (or ``~/.cache/jaxseq``);
@@ -57,7 +57,7 @@ def _download(url: str, dest: pathlib.Path, sha256: str) -> None:
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise UsageError(
             f"cannot download Tiny Shakespeare ({e}); offline, point {ENV_VAR} at a local "
-            f"copy of {TINY_SHAKESPEARE_NAME} or pass --data PATH"
+            f"copy of {TINY_SHAKESPEARE_NAME} or give the path of a text file"
         ) from None
     finally:
         if os.path.exists(tmp):

@@ -1,9 +1,9 @@
-"""Errors that entry points turn into one clear line on stderr and exit code 2."""
+"""The one exception the library raises for bad input from its caller."""
 
 
 class UsageError(Exception):
-    """Bad input from the user: a flag, a file or a checkpoint.
+    """Bad input from the caller: an argument or config field, a file or a checkpoint.
 
-    Command-line entry points catch it and print ``error: <message>`` with exit code 2
-    instead of a traceback. Library code raises it where the cause is the caller's input.
+    The message names the argument or field (``hidden must be positive, got 0``); a
+    command-line program catches it and reports it in its own terms.
     """

@@ -49,21 +49,23 @@ built around products:
 * **Overlap.** Batches are built with NumPy on a background thread while the device runs
   ``steps_per_call`` steps in one jitted ``lax.scan``.
 
-The training loop (progress, checkpoints, resume, signals) is ``experiments.word2vec.train``;
-this module holds its pieces: ``prepare``, ``plan``, ``make_trainer`` (the placed state and
-the jitted chunk function), ``epoch_batches``, checkpoint metadata, vectors I/O,
-``most_similar`` and ``analogy``.
+The training loop (progress, checkpoints, resume, signals) is ``train`` in the
+``experiments/word2vec.py`` command; this module holds its pieces: ``prepare``, ``plan``,
+``make_trainer`` (the placed state and the jitted chunk function), ``epoch_batches``,
+checkpoint metadata, vectors I/O, ``most_similar`` and ``analogy``. A minimal loop:
 
-    >>> from experiments.word2vec import train                          # doctest: +SKIP
-    >>> sentences = word2vec.tokenize(open("corpus.txt").read())        # doctest: +SKIP
-    >>> result = train(sentences, word2vec.TrainConfig(mode="skipgram"))  # doctest: +SKIP
-    >>> word2vec.most_similar(result.vocab.words, result.vectors, "king")  # doctest: +SKIP
+    >>> prepared = word2vec.prepare(word2vec.tokenize(text), config)     # doctest: +SKIP
+    >>> trainer = word2vec.make_trainer(prepared, config)                 # doctest: +SKIP
+    >>> state = trainer.state                                             # doctest: +SKIP
+    >>> for epoch in range(config.epochs):                                # doctest: +SKIP
+    ...     for chunk in word2vec.epoch_batches(prepared, config, trainer.plan, epoch):
+    ...         state, _ = trainer.chunk_fn(state, trainer.put_batch(chunk.batch))
+    >>> word2vec.most_similar(prepared.vocab.words, state.params.w_in, "king")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import math
-import os
 import pathlib
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
@@ -73,7 +75,6 @@ import numpy as np
 
 from jaxseq._w2v_data import (
     PAD_SENTENCE,
-    BatchProducer,
     Chunk,
     EncodedCorpus,
     SegmentBatch,

@@ -7,9 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from experiments import _cli
+from experiments import _cli, _race
 from experiments import compare as cli
-from jaxseq import analysis
 from jaxseq.charrnn import CharRNNConfig
 
 TINY = ["--hidden", "16", "--embed", "4", "--batch", "4", "--seq", "16", "--eval-points", "2",
@@ -91,19 +90,19 @@ def test_hidden_for_param_count_is_the_closest(cell):
     vocab = 40
     base = CharRNNConfig(cell=cell, layers=1, embed=8)
     target = expected_params("lstm", 64, vocab, 8, "embedding")
-    hidden = analysis.hidden_for_param_count(base, vocab, target)
+    hidden = _race.hidden_for_param_count(base, vocab, target)
     gaps = {h: abs(expected_params(cell, h, vocab, 8, "embedding") - target)
             for h in range(1, 400)}
     assert gaps[hidden] == min(gaps.values())
     cfg = dataclasses.replace(base, hidden=hidden)
-    assert analysis.count_model_params(cfg, vocab) == expected_params(cell, hidden, vocab, 8,
+    assert _race.count_model_params(cfg, vocab) == expected_params(cell, hidden, vocab, 8,
                                                                       "embedding")
 
 
 def test_match_params_run_configs():
     cfg = cli.CompareConfig(match="params", hidden=64, embed=8)
     runs = cli.run_configs(cfg, 40)
-    counts = {c.cell: analysis.count_model_params(c, 40) for _, c in runs}
+    counts = {c.cell: _race.count_model_params(c, 40) for _, c in runs}
     hidden = {c.cell: c.hidden for _, c in runs}
     assert hidden["lstm"] == 64 and hidden["rnn"] > hidden["gru"] > 64
     for cell in ("rnn", "gru"):

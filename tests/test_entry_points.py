@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
@@ -35,6 +37,7 @@ def run_cases(cases):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_bad_input_everywhere(tmp_path):
     missing = str(tmp_path / "missing.txt")
     empty = tmp_path / "empty.txt"
@@ -70,6 +73,7 @@ def test_bad_input_everywhere(tmp_path):
         assert len(lines) == 1 and "error" in lines[0], f"{name}: {err!r}"
 
 
+@pytest.mark.slow
 def test_help_on_every_entry_point():
     cases = {
         "charrnn": ("experiments.charrnn", ["--help"]),

@@ -15,7 +15,7 @@ import pytest
 
 import jaxseq
 import reference
-from experiments import _cli
+from experiments import _cli, _race
 from experiments import vanishing as cli
 from jaxseq import analysis
 from jaxseq.models import char_lm
@@ -185,7 +185,7 @@ def test_steps_to_fall():
 def test_recall_batch_targets_the_token_gap_steps_back():
     rng = np.random.default_rng(0)
     for gap in (1, 7, 30):
-        tokens, targets = analysis.recall_batch(rng, 64, gap, num_symbols=3, num_noise=5)
+        tokens, targets = _race.recall_batch(rng, 64, gap, num_symbols=3, num_noise=5)
         assert tokens.shape == (gap + 1, 64) and targets.shape == (64,)
         np.testing.assert_array_equal(tokens[-1 - gap], targets)  # seen gap steps before the end
         assert targets.min() >= 0 and targets.max() < 3
@@ -194,7 +194,7 @@ def test_recall_batch_targets_the_token_gap_steps_back():
 
 
 def test_recall_task_is_learned_at_a_short_gap():
-    result = analysis.train_recall("gru", 3, hidden=16, embed=8, steps=150, batch=32, lr=1e-2,
+    result = _race.train_recall("gru", 3, hidden=16, embed=8, steps=150, batch=32, lr=1e-2,
                                    eval_size=256)
     assert result.accuracy > 0.95 and result.loss < 0.3
 
