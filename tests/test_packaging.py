@@ -15,10 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Modules a library import must not pull in: plotting and progress bars belong to the command
 # lines, flax.linen only to the FlaxCell adapter, torch only to the parity tests.
 HEAVY = ("matplotlib", "tqdm", "flax.linen", "torch", "experiments", "benchmarks")
-# The goal is 1.5 s, but `import jax` alone takes 1.0-1.7 s on the 2-core dev machine under
-# load, so the bound here is looser; jaxseq's own share is held tight below.
-IMPORT_BUDGET_S = 3.0
-OWN_SHARE_S = 0.3
+IMPORT_BUDGET_S = 1.5
+OWN_SHARE_S = 0.3   # import jaxseq after import jax
 
 _PROBE = """
 import json, os, sys, time
@@ -35,7 +33,8 @@ print(json.dumps({"loaded": [m for m in sys.argv[1:] if m in sys.modules], "chan
                   "jaxseq_s": seconds}))
 """
 
-_TOTAL = "import time; t = time.perf_counter(); import jaxseq; print(time.perf_counter() - t)"
+_TIMES = ("import time; t = time.perf_counter(); import jax; j = time.perf_counter() - t; "
+          "import jaxseq; print(j, time.perf_counter() - t)")
 
 
 def _python(code, *args, cwd=ROOT):
@@ -52,9 +51,16 @@ def test_import_jaxseq_loads_no_heavy_modules_and_changes_no_setting():
 
 
 def test_import_jaxseq_is_fast():
-    """Best of 3 fresh processes, so that a loaded machine does not fail it by chance."""
-    seconds = min(float(_python(_TOTAL)) for _ in range(3))
-    assert seconds < IMPORT_BUDGET_S, f"import jaxseq took {seconds:.2f} s"
+    """Best of 3 fresh processes, so that a loaded machine does not fail it by chance.
+
+    ``import jax`` alone takes 1.0-1.7 s on the 2-core dev machine (5 s and more while other
+    jobs run), which jaxseq cannot change: the total must be under 1.5 s, or, when jax alone
+    is slower than that, jaxseq's own share on top of it must stay under 0.3 s."""
+    runs = [tuple(map(float, _python(_TIMES).split())) for _ in range(3)]
+    jax_s, total_s = min(runs, key=lambda r: r[1])
+    own_s = min(total - jax for jax, total in runs)
+    assert total_s < IMPORT_BUDGET_S or own_s < OWN_SHARE_S, (
+        f"import jaxseq took {total_s:.2f} s, {own_s:.2f} s of it after jax ({jax_s:.2f} s)")
 
 
 def test_flax_cell_is_imported_on_first_use():
