@@ -24,9 +24,12 @@ from jaxseq._cells import (
     gru,
     lstm,
     make_cell,
+    mingru,
+    minlstm,
     rnn,
 )
 from jaxseq._interop import TorchRNNInfo, from_flax_linen_params, from_torch_state_dict
+from jaxseq._linear import linear_recurrence
 from jaxseq._unroll import IMPLS, Stack, reference_unroll, stack, unroll, unroll_embedded
 from jaxseq.errors import UsageError
 
@@ -38,6 +41,7 @@ __all__ = [
 ]
 __all__ += ["FlaxCell", "TorchRNNInfo", "from_flax_linen_params", "from_torch_state_dict"]
 __all__ += ["IMPLS", "unroll_embedded"]
+__all__ += ["linear_recurrence", "mingru", "minlstm"]
 
 
 def __getattr__(name: str):

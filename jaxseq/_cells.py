@@ -16,6 +16,10 @@ Every cell splits its step in two so that ``unroll`` can hoist work out of the t
 Gate matrices are fused: an LSTM holds one ``(F, 4H)`` input matrix and one ``(H, 4H)``
 recurrent matrix, gate order ``i, f, g, o`` (PyTorch's); a GRU holds ``(F, 3H)`` and
 ``(H, 3H)``, gate order ``r, z, n``. Weights are stored ``(in, out)`` so that ``x @ W``.
+
+minGRU and minLSTM (Feng et al. 2024) have no recurrent matrix: their gates read only
+``x``, so their ``step`` is ``h = a * h + b`` with ``(a, b)`` a function of ``z`` alone, which
+``Cell.coefficients`` computes for a whole sequence (``unroll(impl="associative")``).
 """
 
 from __future__ import annotations
@@ -42,13 +46,18 @@ class Cell(NamedTuple):
       project: ``(params, xs: (..., F)) -> zs: (..., G*H)``, the hoistable input product.
       step: ``(params, carry, z: (*batch, G*H)) -> (carry, y)``.
       hidden_size: H.
-      name: ``"rnn"``, ``"lstm"`` or ``"gru"``.
+      name: ``"rnn"``, ``"lstm"``, ``"gru"``, ``"mingru"`` or ``"minlstm"``.
       num_gates: G, the number of H-wide blocks in the fused matrices.
       kernel: the name of the fused kernel in ``jaxseq._fused.KERNELS`` that computes
         exactly this cell's equations (``"rnn_tanh"``, ``"rnn_relu"``, ``"lstm"``, ``"gru"``,
         ``"gru_cho"``), set by the factory; ``None`` for a cell that has none. A cell whose
         ``step`` or ``project`` is replaced must also drop its tag
         (``cell._replace(step=..., kernel=None)``): ``unroll(impl="auto")`` trusts it.
+      coefficients: for a cell whose recurrence is linear in its carry ``h`` (minGRU,
+        minLSTM), ``(params, zs: (T, *batch, G*H)) -> (a, b)``, both ``(T, *batch, H)``, with
+        ``step(params, h, zs[t]) == (a[t]*h + b[t],) * 2``; ``unroll(impl="associative")``
+        runs ``jaxseq.linear_recurrence`` on them. ``None`` for every other cell; like
+        ``kernel``, a cell whose ``step`` or ``project`` is replaced must drop it.
     """
 
     init: Callable[[PRNGKey, int], Params]
@@ -60,6 +69,7 @@ class Cell(NamedTuple):
     name: str
     num_gates: int
     kernel: Optional[str] = None
+    coefficients: Optional[Callable[[Params, Array], tuple[Array, Array]]] = None
 
 
 class RNNParams(NamedTuple):
@@ -79,6 +89,13 @@ class LSTMState(NamedTuple):
 
     h: Array  # (*batch, H) hidden state, also the output
     c: Array  # (*batch, H) cell state
+
+
+class MinParams(NamedTuple):
+    """minGRU's and minLSTM's parameters: no recurrent matrix, the gates see only x."""
+
+    w_ih: Array  # (F, G*H), gate blocks z, h̃ (minGRU) or f, i, h̃ (minLSTM)
+    b: Array  # (G*H,)
 
 
 class GRUParams(NamedTuple):
@@ -276,11 +293,122 @@ def gru(hidden_size: int, *, reset_after: bool = True, param_dtype=jnp.float32) 
                 kernel="gru" if reset_after else "gru_cho")
 
 
-CELLS = {"rnn": rnn, "lstm": lstm, "gru": gru}
+# ------------------------------------------------------------------ minimal (linear) cells
+#
+# Feng, Tung, Ahmed, Bengio & Hajimirsadeghi (2024), "Were RNNs All We Needed?"
+# (arXiv:2410.01201): gates that read only x_t make the recurrence h_t = a_t*h_{t-1} + b_t
+# elementwise, with a_t, b_t from one (T*B, F) x (F, G*H) matmul for the whole sequence,
+# so unroll can run it as an associative scan (jaxseq/_linear.py). Their ``step`` is the
+# readable per-step form; ``coefficients`` gives (a, b) for the whole sequence.
+#
+# The candidate h̃ is the paper's plain ``Linear(x)`` (its Algorithms 1-4), not the
+# ``g(x) = x + 0.5 if x >= 0 else σ(x)`` of its log-space variant: g exists only to keep h̃
+# positive so that log h̃ is real, and jaxseq's associative scan works on (a, b) directly
+# (``linear_recurrence`` says why it does not take logs), so no sign constraint is needed.
+
+
+def _min_init(hidden: int, gates: int, param_dtype) -> Callable[[PRNGKey, int], MinParams]:
+    def init(key: PRNGKey, input_size: int) -> MinParams:
+        return MinParams(w_ih=_glorot_uniform(key, input_size, gates * hidden, param_dtype),
+                         b=jnp.zeros((gates * hidden,), param_dtype))
+    return init
+
+
+def mingru(hidden_size: int, *, param_dtype=jnp.float32) -> Cell:
+    """minGRU (Feng et al. 2024, arXiv:2410.01201): a GRU whose gates do not read h.
+
+    Equations, with ``Linear(x) = x W + b`` on the fused ``(F, 2H)`` matrix, blocks ``z, h̃``::
+
+        z_t  = σ(x_t W_z + b_z)                    update gate
+        h̃_t = x_t W_h + b_h                       candidate (no tanh, no reset gate)
+        h_t  = (1 - z_t) * h_{t-1} + z_t * h̃_t
+
+    so ``h_t = a_t * h_{t-1} + b_t`` with ``a_t = 1 - z_t``, ``b_t = z_t * h̃_t``
+    (``coefficients``). There is no recurrent matrix; the carry is ``h`` ``(*batch, H)``
+    and the output is ``h_t``. ``h̃`` is the plain linear map (see the note above the
+    factory: the paper's ``g(x)`` matters only to its log-space scan). No fused kernel:
+    ``unroll`` runs it as a scan or an associative scan.
+
+    Args:
+      hidden_size: H.
+      param_dtype: dtype of the parameters made by ``init``.
+    """
+    _check_sizes(hidden_size)
+    H = hidden_size
+
+    def gates(zs: Array) -> tuple[Array, Array]:
+        z, candidate = jnp.split(zs, 2, axis=-1)
+        return jax.nn.sigmoid(z), candidate
+
+    def coefficients(params: MinParams, zs: Array) -> tuple[Array, Array]:
+        z, candidate = gates(zs)
+        return 1.0 - z, z * candidate
+
+    def step(params: MinParams, h: Array, zx: Array) -> tuple[Array, Array]:
+        z, candidate = gates(zx)
+        h = (1.0 - z) * h + z * candidate
+        return h, h
+
+    def apply(params: MinParams, h: Array, x: Array) -> tuple[Array, Array]:
+        return step(params, h, _project(params, x))
+
+    return Cell(_min_init(H, 2, param_dtype), apply, _zeros_carry(H), _project, step, H,
+                "mingru", 2, kernel=None, coefficients=coefficients)
+
+
+def minlstm(hidden_size: int, *, param_dtype=jnp.float32) -> Cell:
+    """minLSTM (Feng et al. 2024, arXiv:2410.01201): an LSTM whose gates do not read h.
+
+    Equations, on the fused ``(F, 3H)`` matrix with blocks ``f, i, h̃``::
+
+        f_t  = σ(x_t W_f + b_f)                    forget gate
+        i_t  = σ(x_t W_i + b_i)                    input gate
+        h̃_t = x_t W_h + b_h                       candidate
+        f'_t = f_t / (f_t + i_t),  i'_t = i_t / (f_t + i_t)    normalised: f' + i' = 1
+        h_t  = f'_t * h_{t-1} + i'_t * h̃_t
+
+    so ``a_t = f'_t`` and ``b_t = i'_t * h̃_t`` (``coefficients``). The normalisation keeps
+    the scale of ``h`` independent of ``t`` and drops the output gate and cell state: the
+    carry is ``h`` ``(*batch, H)`` and the output is ``h_t``. It is computed as
+    ``f'_t = σ(log f_t - log i_t)`` with ``log σ(u) = -softplus(-u)`` (the paper's code does
+    the same), the same number without the 0/0 of two underflowed sigmoids. The candidate
+    is the plain linear map, as in ``mingru``. No fused kernel.
+
+    Args:
+      hidden_size: H.
+      param_dtype: dtype of the parameters made by ``init``.
+    """
+    _check_sizes(hidden_size)
+    H = hidden_size
+
+    def gates(zs: Array) -> tuple[Array, Array, Array]:
+        """``(f', i', h̃)``: the normalised forget and input gates and the candidate."""
+        f, i, candidate = jnp.split(zs, 3, axis=-1)
+        log_ratio = jax.nn.softplus(-i) - jax.nn.softplus(-f)  # log f - log i
+        return jax.nn.sigmoid(log_ratio), jax.nn.sigmoid(-log_ratio), candidate
+
+    def coefficients(params: MinParams, zs: Array) -> tuple[Array, Array]:
+        forget, admit, candidate = gates(zs)
+        return forget, admit * candidate
+
+    def step(params: MinParams, h: Array, zx: Array) -> tuple[Array, Array]:
+        forget, admit, candidate = gates(zx)
+        h = forget * h + admit * candidate
+        return h, h
+
+    def apply(params: MinParams, h: Array, x: Array) -> tuple[Array, Array]:
+        return step(params, h, _project(params, x))
+
+    return Cell(_min_init(H, 3, param_dtype), apply, _zeros_carry(H), _project, step, H,
+                "minlstm", 3, kernel=None, coefficients=coefficients)
+
+
+CELLS = {"rnn": rnn, "lstm": lstm, "gru": gru, "mingru": mingru, "minlstm": minlstm}
 
 
 def make_cell(name: str, hidden_size: int, **kwargs) -> Cell:
-    """``make_cell("gru", 256)``: a cell by name (``rnn``, ``lstm``, ``gru``)."""
+    """``make_cell("gru", 256)``: a cell by name (``rnn``, ``lstm``, ``gru``, ``mingru``,
+    ``minlstm``)."""
     if name not in CELLS:
         raise ValueError(f"unknown cell {name!r}; choose from {', '.join(CELLS)}")
     return CELLS[name](hidden_size, **kwargs)

@@ -1,4 +1,4 @@
-"""The time loop: ``unroll`` runs one cell over a sequence, by one of two implementations.
+"""The time loop: ``unroll`` runs one cell over a sequence, by one of three implementations.
 
 * ``impl="scan"``: one ``jax.lax.scan`` of ``cell.step`` with the input projection hoisted
   out of the loop (``cell.project`` on the whole sequence, one matmul). This is the
@@ -7,9 +7,17 @@
   ``cell.kernel`` that its factory sets): the same function with a hand-written backward
   pass that takes the weight gradients out of the time loop (faster training; reverse mode
   only).
+* ``impl="associative"``: for a cell whose recurrence is linear in its carry (minGRU,
+  minLSTM: ``cell.coefficients`` is set), ``h_t = a_t * h_{t-1} + b_t`` with ``(a, b)``
+  computed from ``cell.project(xs)`` for the whole sequence, run as
+  ``jaxseq.linear_recurrence``'s associative scan (``jaxseq/_linear.py``): ``O(log T)``
+  depth instead of ``T`` sequential steps, plain JAX in both differentiation modes.
 * ``impl="auto"`` (the default) picks "fused" when the cell has a kernel and the call is
   one the kernels handle (no ``seq_lengths``, a carry in the inputs' dtype; see
-  ``_fused.unsupported``), else "scan".
+  ``_fused.unsupported``); "associative" when the cell has ``coefficients`` and
+  ``_linear.associative_pays`` holds for the backend (not on CPU, where the scan was
+  measured faster at every sequence length; elsewhere yes); else "scan". ``_choose_impl``
+  is that rule.
 
 ``stack`` builds a multi-layer, optionally bidirectional network with dropout between
 layers out of any ``Cell``; ``unroll_embedded`` is ``unroll`` on looked-up embeddings.
@@ -24,8 +32,9 @@ import jax.numpy as jnp
 
 from jaxseq._cells import Array, Carry, Cell, Params, PRNGKey
 from jaxseq._fused import fused_unroll, fused_unroll_embedded, unsupported
+from jaxseq._linear import associative_pays, linear_recurrence
 
-IMPLS = ("auto", "scan", "fused")
+IMPLS = ("auto", "scan", "fused", "associative")
 
 FORWARD_MODE_HINT = ("the fused kernels define only reverse-mode derivatives (custom_vjp); "
                      "for jax.jvp, jax.jacfwd or jax.hessian pass impl='scan'")
@@ -45,28 +54,81 @@ def _masked_step(step: Callable, params: Params) -> Callable:
     return body
 
 
+def _valid_steps(num_steps: int, seq_lengths: Array, xs_ndim: int) -> Array:
+    """``(T, *batch)`` bool: whether step t is inside sequence b (``t < seq_lengths[b]``)."""
+    steps = jnp.arange(num_steps).reshape((-1,) + (1,) * (xs_ndim - 2))
+    return steps < jnp.asarray(seq_lengths)[None]
+
+
 def scan_unroll(cell: Cell, params: Params, carry: Carry, xs: Array, *, reverse: bool = False,
                 seq_lengths: Optional[Array] = None) -> tuple[Carry, Array]:
     """``unroll(impl="scan")``: ``lax.scan`` of ``cell.step`` over ``cell.project(xs)``."""
     zs = cell.project(params, xs)
     if seq_lengths is None:
         return jax.lax.scan(lambda c, z: cell.step(params, c, z), carry, zs, reverse=reverse)
-    steps = jnp.arange(xs.shape[0]).reshape((-1,) + (1,) * (xs.ndim - 2))
-    valid = steps < jnp.asarray(seq_lengths)[None]
+    valid = _valid_steps(xs.shape[0], seq_lengths, xs.ndim)
     return jax.lax.scan(_masked_step(cell.step, params), carry, (zs, valid), reverse=reverse)
 
 
-def _runs_fused(impl: str, why_not: Callable[[], Optional[str]]) -> bool:
-    """Resolves ``impl``: whether the fused kernel runs. ``why_not()`` says what stops it."""
+def associative_unroll(cell: Cell, params: Params, carry: Array, xs: Array, *,
+                       reverse: bool = False,
+                       seq_lengths: Optional[Array] = None) -> tuple[Array, Array]:
+    """``unroll(impl="associative")``: ``linear_recurrence`` on ``cell.coefficients``.
+
+    Steps at ``t >= seq_lengths`` get ``a = 1, b = 0``, the identity map, so the state
+    passes through them unchanged (as the masked scan leaves its carry) and the last state
+    of the run, ``hs[-1]`` (``hs[0]`` in reverse), is the last valid one; their outputs
+    are then zeroed like the scan's.
+    """
+    a, b = cell.coefficients(params, cell.project(params, xs))
+    if seq_lengths is not None:
+        valid = _valid_steps(xs.shape[0], seq_lengths, xs.ndim)[..., None]
+        a, b = jnp.where(valid, a, 1.0), jnp.where(valid, b, 0.0)
+    hs = linear_recurrence(a, b, carry, reverse=reverse, impl="associative")
+    final = carry if xs.shape[0] == 0 else hs[0 if reverse else -1]
+    if seq_lengths is not None:
+        hs = jnp.where(valid, hs, jnp.zeros_like(hs))
+    return final, hs
+
+
+def _why_not_associative(cell: Cell, carry: Carry, xs_shape: tuple) -> Optional[str]:
+    """Why ``associative_unroll`` cannot run this call, or ``None`` when it can."""
+    if cell.coefficients is None:
+        return (f"the {cell.name!r} cell's recurrence is not linear in its carry "
+                f"(cell.coefficients is None; minGRU and minLSTM have one)")
+    if len(xs_shape) < 2:
+        return f"xs must be (T, *batch, F), got shape {xs_shape}"
+    want = (*xs_shape[1:-1], cell.hidden_size)
+    if not hasattr(carry, "shape") or tuple(carry.shape) != want:
+        got = jax.tree.map(jnp.shape, carry)
+        return f"the carry must be one array of shape {want}, got {got}"
+    return None
+
+
+def _choose_impl(impl: str, why_not_fused: Callable[[], Optional[str]],
+                 why_not_associative: Callable[[], Optional[str]]) -> str:
+    """Resolves ``impl`` to what runs: ``"scan"``, ``"fused"`` or ``"associative"``.
+
+    ``why_not_*()`` say what stops each fast path (``None``: nothing). An explicit fast path
+    that cannot run raises; ``"auto"`` takes the fused kernel where there is one, else the
+    associative scan where the cell is linear and it pays on this backend
+    (``associative_pays``: not on CPU), else the scan.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
     if impl == "scan":
-        return False
-    reason = why_not()
-    if impl == "fused" and reason is not None:
-        raise ValueError(f"impl='fused' cannot run this call: {reason}; pass impl='scan' "
-                         f"(or 'auto', which falls back to it)")
-    return reason is None
+        return "scan"
+    if impl in ("fused", "associative"):
+        reason = (why_not_fused if impl == "fused" else why_not_associative)()
+        if reason is not None:
+            raise ValueError(f"impl={impl!r} cannot run this call: {reason}; pass "
+                             f"impl='scan' (or 'auto', which falls back to it)")
+        return impl
+    if why_not_fused() is None:
+        return "fused"
+    if why_not_associative() is None and associative_pays(jax.default_backend()):
+        return "associative"
+    return "scan"
 
 
 def _forward_mode_hint(run: Callable) -> Any:
@@ -101,12 +163,15 @@ def unroll(
       reverse: run from the last valid step to the first.
       seq_lengths: optional ``(*batch,)`` integer lengths. Steps at ``t >= length`` leave the
         carry untouched and output zeros, so the returned carry is the last valid one; with
-        ``reverse`` each sequence starts at its own last valid step. Runs as "scan".
-      impl: ``"scan"``, ``"fused"`` or ``"auto"`` (module docstring). "fused" raises a
-        ``ValueError`` saying why when the call is not one the kernel handles.
+        ``reverse`` each sequence starts at its own last valid step. Runs as "scan" or
+        "associative" (not "fused").
+      impl: ``"scan"``, ``"fused"``, ``"associative"`` or ``"auto"`` (module docstring).
+        "fused" and "associative" raise a ``ValueError`` saying why when the call is not
+        one they handle.
       mesh: a ``jax.sharding.Mesh`` for data parallelism: the fused layer then runs under
-        ``shard_map`` with batch rows split over the mesh's first axis (the scan leaves the
-        layout to XLA). ``None``: one device, or XLA's own propagation.
+        ``shard_map`` with batch rows split over the mesh's first axis (the scan and the
+        associative scan leave the layout to XLA). ``None``: one device, or XLA's own
+        propagation.
 
     Returns:
       ``(final_carry, ys)`` with ``ys: (T, *batch, H)``.
@@ -120,9 +185,13 @@ def unroll(
             return f"xs must be (T > 0, *batch, F), got shape {xs.shape}"
         return unsupported(cell, params, carry, xs.dtype, batch, in_size, mesh)
 
-    if _runs_fused(impl, why_not):
+    chosen = _choose_impl(impl, why_not, lambda: _why_not_associative(cell, carry, xs.shape))
+    if chosen == "fused":
         return _forward_mode_hint(
             lambda: fused_unroll(cell, params, carry, xs, reverse=reverse, mesh=mesh))
+    if chosen == "associative":
+        return associative_unroll(cell, params, carry, xs, reverse=reverse,
+                                  seq_lengths=seq_lengths)
     return scan_unroll(cell, params, carry, xs, reverse=reverse, seq_lengths=seq_lengths)
 
 
@@ -142,7 +211,8 @@ def unroll_embedded(
     An embedding followed by the input projection of the first layer is a lookup in the
     ``(V, G*H)`` product ``table @ W_ih``. The fused path computes that product and gathers
     its rows instead of projecting all ``T*B`` embedded inputs
-    (``_fused.fused_unroll_embedded``); the scan path is ``unroll`` on ``table[tokens]``.
+    (``_fused.fused_unroll_embedded``); the scan and associative paths are ``unroll`` on
+    ``table[tokens]``.
     The two give the same function and gradients. Whether the product pays is the caller's
     choice (``jaxseq.models.char_lm`` compares the FLOPs of both).
 
@@ -164,9 +234,13 @@ def unroll_embedded(
             return "tokens must be (T > 0, *batch)"
         return unsupported(cell, params, carry, table.dtype, batch, table.shape[-1], mesh)
 
-    if _runs_fused(impl, why_not):
+    xs_shape = (*tokens.shape, table.shape[-1])
+    chosen = _choose_impl(impl, why_not, lambda: _why_not_associative(cell, carry, xs_shape))
+    if chosen == "fused":
         return _forward_mode_hint(lambda: fused_unroll_embedded(
             cell, params, carry, table, tokens, reverse=reverse, mesh=mesh))
+    if chosen == "associative":
+        return associative_unroll(cell, params, carry, table[tokens], reverse=reverse)
     return scan_unroll(cell, params, carry, table[tokens], reverse=reverse)
 
 

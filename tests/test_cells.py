@@ -175,7 +175,15 @@ def test_bad_hidden_size_is_rejected(bad):
 
 def test_make_cell_and_bad_names():
     assert jaxseq.make_cell("gru", 4, reset_after=False).name == "gru"
+    for name in ("mingru", "minlstm"):  # tests/test_mincells.py holds them to the equations
+        assert jaxseq.make_cell(name, 4).name == name and name in jaxseq.CELLS
     with pytest.raises(ValueError, match="unknown cell"):
         jaxseq.make_cell("transformer", 4)
     with pytest.raises(ValueError, match="activation"):
         jaxseq.rnn(4, activation="sigmoid")
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_recurrent_cells_have_no_linear_coefficients(name):
+    """Only a cell whose step is ``a * h + b`` may offer ``coefficients`` to unroll."""
+    assert FACTORIES[name](H).coefficients is None

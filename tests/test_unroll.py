@@ -246,3 +246,10 @@ def test_stack_dropout_skips_the_last_layer():
 def test_stack_rejects_bad_config(kwargs):
     with pytest.raises(ValueError):
         jaxseq.stack(jaxseq.rnn(H), **kwargs)
+
+
+def test_impls_name_every_implementation():
+    assert jaxseq.IMPLS == ("auto", "scan", "fused", "associative")
+    cell, params, carry, xs = setup("lstm", (2,), key=11)
+    with pytest.raises(ValueError, match="impl='associative'.*'lstm' cell.*not linear"):
+        jaxseq.unroll(cell, params, carry, xs, impl="associative")
