@@ -10,7 +10,6 @@ at a non-finite loss or gradient, 130/143 stopped by SIGINT/SIGTERM (after a che
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import pathlib
 import sys
@@ -127,6 +126,20 @@ def _validate(config, pieces: _Pieces, vocab, step: int, writer: bool, bar, prin
             "chars_seen": step * config.batch * config.seq}
 
 
+def _log_and_validate(config, vocab, pieces: _Pieces, step: int, meter: _Meter,
+                      metrics: _run.MetricsLog, history: list, bar, writer: bool,
+                      printer) -> None:
+    """The metrics line every ``log_every`` steps and validation every ``eval_every``."""
+    if step % config.log_every == 0 or step == config.steps:
+        record = meter.record(step)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", chars_s=f"{record['chars_per_s']:,.0f}")
+        metrics.write(record)
+    if step % config.eval_every == 0 or step == config.steps:
+        history.append(_validate(config, pieces, vocab, step, writer, bar, printer))
+        metrics.write(history[-1])
+        meter.reset(step)  # keep validation time out of chars/s
+
+
 def train(config: CharRNNConfig, text: str, out_dir: str | pathlib.Path, *,
           resume: bool = False, overwrite: bool = False, progress: bool = True,
           log: Callable[[str], None] = _run.log_to_stderr,
@@ -189,7 +202,7 @@ def _loop(config, corpus, pieces: _Pieces, run_dir: _run.RunDir, metrics: _run.M
         parallel.sync("checkpoint saved")
 
     step = int(pieces.state.step)
-    history, best_val, exit_code, meter = [], math.inf, 0, _Meter(config, step)
+    history, exit_code, meter = [], 0, _Meter(config, step)
     resume_hint = f"resume with --out {run_dir.path} --resume"
     bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="step",
                dynamic_ncols=True, file=sys.stderr)
@@ -211,17 +224,8 @@ def _loop(config, corpus, pieces: _Pieces, run_dir: _run.RunDir, metrics: _run.M
                 pieces, step = pieces._replace(state=state), step + 1
                 meter.add(float(m["loss"]))
                 bar.update(1)
-                if step % config.log_every == 0 or step == config.steps:
-                    record = meter.record(step)
-                    bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                                    chars_s=f"{record['chars_per_s']:,.0f}")
-                    metrics.write(record)
-                if step % config.eval_every == 0 or step == config.steps:
-                    history.append(_validate(config, pieces, corpus.vocab, step, run_dir.writer,
-                                             bar, sample_printer or tqdm.write))
-                    best_val = min(best_val, history[-1]["val_loss"])
-                    metrics.write(history[-1])
-                    meter.reset(step)  # keep validation time out of chars/s
+                _log_and_validate(config, corpus.vocab, pieces, step, meter, metrics, history,
+                                  bar, run_dir.writer, sample_printer or tqdm.write)
                 if step % config.save_every == 0 or step == config.steps:
                     save(pieces.state)
                 if step_callback is not None:
@@ -238,6 +242,7 @@ def _loop(config, corpus, pieces: _Pieces, run_dir: _run.RunDir, metrics: _run.M
             exit_code = 130
         finally:
             bar.close()
+    best_val = min((r["val_loss"] for r in history), default=math.inf)
     return RunResult(pieces.state, corpus.vocab, best_val, history, exit_code)
 
 

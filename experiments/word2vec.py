@@ -24,7 +24,6 @@ prints results.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import signal
