@@ -127,9 +127,14 @@ def split_cpu(devices: int) -> None:
 
 
 def start_parallel(args: argparse.Namespace) -> None:
+    """Checks the parallelism flags (errors name them), then sets up devices and processes."""
     from jaxseq import parallel
     if args.devices is not None and args.devices < 1:
         raise UsageError(f"--devices must be positive, got {args.devices}")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise UsageError(f"--cpu-devices must be positive, got {args.cpu_devices}")
+    if (args.coordinator is None) != (args.num_processes is None or args.process_id is None):
+        raise UsageError("--coordinator HOST:PORT, --num-processes and --process-id go together")
     if args.cpu_devices is not None:
         split_cpu(args.cpu_devices)
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)

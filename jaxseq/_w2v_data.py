@@ -74,7 +74,7 @@ def build_vocab(sentences: Iterable[Sequence[str]], min_count: int) -> Vocab:
       UsageError: the corpus has no words, or no word reaches ``min_count``.
     """
     if min_count < 1:
-        raise UsageError(f"--min-count must be >= 1, got {min_count}")
+        raise UsageError(f"min_count must be >= 1, got {min_count}")
     counter = collections.Counter()
     for sentence in sentences:
         counter.update(sentence)
@@ -83,8 +83,8 @@ def build_vocab(sentences: Iterable[Sequence[str]], min_count: int) -> Vocab:
     kept = sorted((w for w, c in counter.items() if c >= min_count), key=lambda w: (-counter[w], w))
     if not kept:
         top = max(counter.values())
-        raise UsageError(f"no word occurs --min-count={min_count} times (the most frequent "
-                         f"occurs {top} times); lower --min-count or use a larger corpus")
+        raise UsageError(f"no word occurs min_count={min_count} times (the most frequent "
+                         f"occurs {top} times); lower min_count or use a larger corpus")
     return Vocab(tuple(kept), np.array([counter[w] for w in kept], dtype=np.int64))
 
 

@@ -33,14 +33,14 @@ def initialize_distributed(coordinator: Optional[str], num_processes: Optional[i
     """
     if coordinator is None:
         if num_processes not in (None, 1) or process_id not in (None, 0):
-            raise UsageError("--num-processes/--process-id need --coordinator HOST:PORT")
+            raise UsageError("num_processes and process_id need a coordinator address HOST:PORT")
         return
     if num_processes is None or process_id is None:
-        raise UsageError("--coordinator needs --num-processes and --process-id")
+        raise UsageError("a coordinator needs num_processes and process_id")
     if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise UsageError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+        raise UsageError(f"process_id must be in [0, {num_processes}), got {process_id}")
     if ":" not in coordinator:
-        raise UsageError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+        raise UsageError(f"coordinator must be HOST:PORT, got {coordinator!r}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
@@ -60,13 +60,13 @@ def use_cpu_devices(n: int) -> None:
     temporaries may be page-faulted in afresh on every step.
     """
     if n < 1:
-        raise UsageError(f"--cpu-devices must be positive, got {n}")
+        raise UsageError(f"the number of CPU devices must be positive, got {n}")
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:  # the backend has started: fine if it already has n devices
         have = len(jax.devices("cpu"))
         if have != n:
-            raise UsageError(f"--cpu-devices {n}: JAX's CPU backend already started with "
+            raise UsageError(f"cannot present the CPU as {n} devices: JAX's CPU backend already started with "
                              f"{have} device(s)") from None
 
 
@@ -83,10 +83,10 @@ def data_mesh(num_devices: Optional[int] = None) -> Mesh:
     devices = jax.devices()
     n = len(devices) if not num_devices else num_devices
     if n < 1 or n > len(devices):
-        raise UsageError(f"--devices {n}: {len(devices)} device(s) available "
+        raise UsageError(f"num_devices={n}, but {len(devices)} device(s) are available "
                          f"({devices[0].platform})")
     if jax.process_count() > 1 and n != len(devices):
-        raise UsageError("with several processes, --devices must cover every process's devices")
+        raise UsageError("with several processes, num_devices must cover every process's devices")
     return Mesh(np.array(devices[:n]), (DATA_AXIS,))
 
 

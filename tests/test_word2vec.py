@@ -312,7 +312,7 @@ def test_learning_rate_decays_linearly():
 
 @pytest.mark.parametrize("text,kwargs,match", [
     ("", {}, "no words"),
-    ("a b c\nd e f\n", {"min_count": 5}, "min-count"),
+    ("a b c\nd e f\n", {"min_count": 5}, "min_count"),
     ("a b c", {"dim": 0}, "^dim must be positive"),
     ("a b c", {"window": -1}, "^window must be positive"),
     ("a b c", {"lr": -0.1}, "^lr must be positive"),

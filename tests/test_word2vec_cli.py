@@ -85,7 +85,7 @@ def test_eval_prints_scores_or_says_why_not(corpus, tmp_path, capsys):
     (["--dim", "0"], "dim must be positive"),
     (["--window", "-2"], "window must be positive"),
     (["--epochs", "0"], "epochs must be positive"),
-    (["--min-count", "1000"], "min-count"),
+    (["--min-count", "1000"], "min_count"),
     (["--query", "zebra"], "not in the vocabulary"),
     (["--analogy", "king", "queen", "unicorn"], "not in the vocabulary"),
 ])
