@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxseq.config import field
+
 VOCAB = 65  # Tiny Shakespeare's character set
 CELLS = ("rnn", "lstm", "gru")
 TRAIN_IMPLS = ("jaxseq", "jaxseq-cores", "jaxseq-notable", "jaxseq-bf16", "jaxseq-scan",
@@ -382,10 +384,6 @@ class _InProcess:
 # ================================================================= configs and CLI
 
 
-def _flag(default, help, **kw):
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
-
-
 def _check_choices(impls: Sequence[str], allowed: Sequence[str],
                    cores: Sequence[int] = ()) -> None:
     """``UsageError`` for an empty or unknown ``--impl`` or a ``--cores`` core this process
@@ -404,10 +402,10 @@ def _check_choices(impls: Sequence[str], allowed: Sequence[str],
 class TrainBenchConfig:
     """Settings of ``python -m benchmarks charlm``."""
 
-    cell: str = _flag("all", "recurrent cell (all: rnn, lstm and gru)",
+    cell: str = field("all", "recurrent cell (all: rnn, lstm and gru)",
                       choices=("rnn", "lstm", "gru", "all"))
-    hidden: tuple[int, ...] = _flag((256, 512), "hidden sizes H (embedding width = H)")
-    impl: tuple[str, ...] = _flag(
+    hidden: tuple[int, ...] = field((256, 512), "hidden sizes H (embedding width = H)")
+    impl: tuple[str, ...] = field(
         ("jaxseq", "jaxseq-cores", "flax", "torch"),
         f"implementations, from {', '.join(TRAIN_IMPLS)} (jaxseq-cores: jaxseq with the CPU "
         f"presented as one JAX device per core and each batch split over them, as "
@@ -415,38 +413,38 @@ class TrainBenchConfig:
         f"product-table lookup for the embedding and the first layer's input projection; "
         f"jaxseq-scan: jaxseq with the fused layers off, plain lax.scan autodiff); torch is "
         f"skipped with a note when PyTorch is not installed")
-    layers: int = _flag(2, "recurrent layers")
-    batch: int = _flag(64, "sequences per batch")
-    seq: int = _flag(128, "characters per sequence")
-    steps: int = _flag(7, "timed steps per implementation (the median is reported)")
-    warmup: int = _flag(2, "untimed steps after compiling")
-    gap: float = _flag(0.3, "seconds of idle time before each timed step, so that the thread "
+    layers: int = field(2, "recurrent layers")
+    batch: int = field(64, "sequences per batch")
+    seq: int = field(128, "characters per sequence")
+    steps: int = field(7, "timed steps per implementation (the median is reported)")
+    warmup: int = field(2, "untimed steps after compiling")
+    gap: float = field(0.3, "seconds of idle time before each timed step, so that the thread "
                        "pools of the implementation that ran before (OpenMP, Eigen) stop "
                        "spinning before the next one is timed")
-    dtype: str = _flag("float32", "compute dtype of the JAX implementations (bfloat16: mixed "
+    dtype: str = field("float32", "compute dtype of the JAX implementations (bfloat16: mixed "
                        "precision with float32 parameters; PyTorch stays float32)",
                        choices=("float32", "bfloat16"))
-    xla_flags: str = _flag("", "extra XLA_FLAGS for the JAX workers (appended to the "
+    xla_flags: str = field("", "extra XLA_FLAGS for the JAX workers (appended to the "
                            "environment's)")
-    jaxseq_xla_flags: str = _flag("", "if set, also run 'jaxseq+flags': jaxseq with these "
+    jaxseq_xla_flags: str = field("", "if set, also run 'jaxseq+flags': jaxseq with these "
                                   "extra XLA_FLAGS, interleaved with the rest")
-    torch_device: str = _flag("auto", "device of the PyTorch implementation (auto: cuda when "
+    torch_device: str = field("auto", "device of the PyTorch implementation (auto: cuda when "
                               "available)", choices=("auto", "cpu", "cuda"))
-    cores: tuple[int, ...] = _flag((), "pin every worker to these CPU cores (e.g. --cores 1: "
+    cores: tuple[int, ...] = field((), "pin every worker to these CPU cores (e.g. --cores 1: "
                                    "single-threaded, which on a loaded machine compares the "
                                    "implementations' work rather than their thread "
                                    "synchronisation); default: no pinning", metavar="CORE")
-    in_process: bool = _flag(False, "run every implementation in this process instead of one "
+    in_process: bool = field(False, "run every implementation in this process instead of one "
                              "worker each (faster to start; peak RSS is then this process's)")
-    malloc: str = _flag("retain-jax", "allocator in the workers: retain-jax (the JAX "
+    malloc: str = field("retain-jax", "allocator in the workers: retain-jax (the JAX "
                         "workers, jaxseq and flax alike, keep freed memory for reuse and "
                         "dispatch inline as jaxseq's command lines do, see experiments/_malloc.py; "
                         "PyTorch keeps the default), retain-all, or default everywhere",
                         choices=("retain-jax", "retain-all", "default"))
-    seed: int = _flag(0, "seed of the weights and the random tokens")
-    json: bool = _flag(False, "print one JSON line per measurement on stdout (the table "
+    seed: int = field(0, "seed of the weights and the random tokens")
+    json: bool = field(False, "print one JSON line per measurement on stdout (the table "
                        "then goes to stderr)")
-    progress: bool = _flag(True, "progress bar on stderr")
+    progress: bool = field(True, "progress bar on stderr")
 
     def validate(self) -> None:
         from jaxseq.errors import UsageError
@@ -464,24 +462,24 @@ class TrainBenchConfig:
 class SampleBenchConfig:
     """Settings of ``python -m benchmarks sample``."""
 
-    cell: str = _flag("lstm", "recurrent cell (all: rnn, lstm and gru)",
+    cell: str = field("lstm", "recurrent cell (all: rnn, lstm and gru)",
                       choices=("rnn", "lstm", "gru", "all"))
-    hidden: tuple[int, ...] = _flag((512,), "hidden sizes H (embedding width = H)")
-    batch: tuple[int, ...] = _flag((1, 64), "numbers of samples drawn at once")
-    impl: tuple[str, ...] = _flag(
+    hidden: tuple[int, ...] = field((512,), "hidden sizes H (embedding width = H)")
+    batch: tuple[int, ...] = field((1, 64), "numbers of samples drawn at once")
+    impl: tuple[str, ...] = field(
         SAMPLE_IMPLS, f"implementations, from {', '.join(SAMPLE_IMPLS)} (jax-loop: a Python loop "
         f"over a jitted single step; torch-native: the PyTorch loop with its oneDNN (mkldnn) "
         f"kernels switched off, which for one step at a time is the faster PyTorch path)")
-    layers: int = _flag(2, "recurrent layers")
-    length: int = _flag(2000, "characters generated per sample")
-    repeats: int = _flag(5, "timed repetitions per implementation (median reported)")
-    seed: int = _flag(0, "seed")
-    torch_device: str = _flag("auto", "device of the PyTorch loop (auto: cuda when available)",
+    layers: int = field(2, "recurrent layers")
+    length: int = field(2000, "characters generated per sample")
+    repeats: int = field(5, "timed repetitions per implementation (median reported)")
+    seed: int = field(0, "seed")
+    torch_device: str = field("auto", "device of the PyTorch loop (auto: cuda when available)",
                               choices=("auto", "cpu", "cuda"))
-    cores: tuple[int, ...] = _flag((), "pin this process to these CPU cores before anything "
+    cores: tuple[int, ...] = field((), "pin this process to these CPU cores before anything "
                                    "runs (e.g. --cores 1: single-threaded JAX and PyTorch)",
                                    metavar="CORE")
-    json: bool = _flag(False, "print one JSON line per measurement on stdout (the table "
+    json: bool = field(False, "print one JSON line per measurement on stdout (the table "
                        "then goes to stderr)")
 
     def validate(self) -> None:
@@ -500,15 +498,15 @@ class SampleBenchConfig:
 class CompileBenchConfig:
     """Settings of ``python -m benchmarks compile``."""
 
-    cell: str = _flag("all", "recurrent cell (all: rnn, lstm and gru)",
+    cell: str = field("all", "recurrent cell (all: rnn, lstm and gru)",
                       choices=("rnn", "lstm", "gru", "all"))
-    hidden: int = _flag(512, "hidden size H")
-    seq: tuple[int, ...] = _flag((32, 128, 512), "sequence lengths to compile for")
-    impl: tuple[str, ...] = _flag(("jaxseq", "jaxseq-notable", "flax"),
+    hidden: int = field(512, "hidden size H")
+    seq: tuple[int, ...] = field((32, 128, 512), "sequence lengths to compile for")
+    impl: tuple[str, ...] = field(("jaxseq", "jaxseq-notable", "flax"),
                                   f"JAX implementations, from {', '.join(_JAX_IMPLS)}")
-    layers: int = _flag(2, "recurrent layers")
-    batch: int = _flag(64, "sequences per batch")
-    json: bool = _flag(False, "print one JSON line per measurement on stdout")
+    layers: int = field(2, "recurrent layers")
+    batch: int = field(64, "sequences per batch")
+    json: bool = field(False, "print one JSON line per measurement on stdout")
 
     def validate(self) -> None:
         from jaxseq.errors import UsageError

@@ -120,8 +120,10 @@ def run_jaxseq(sentences, mode: str, cfg: BenchConfig, seed: int):
     config = word2vec.TrainConfig(mode=mode, dim=cfg.dim, window=cfg.window,
                                   negative=cfg.negative, min_count=cfg.min_count,
                                   sample=cfg.sample, epochs=cfg.epochs, lr=_lr(mode), seed=seed)
+    from experiments.word2vec import train  # the command's own run loop
+
     prepared = word2vec.prepare(sentences, config)
-    result = word2vec.train(prepared, config, progress=False)
+    result = train(prepared, config, progress=False)
     return list(result.vocab.words), result.vectors, result.seconds
 
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -153,6 +154,11 @@ def test_word2vec_is_delegated(capsys):
     assert "--" in capsys.readouterr().out
 
 
+GLIBC_LINUX = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GLIBC_LINUX, reason="the malloc options and fault counts are glibc's")
 @pytest.mark.parametrize("setting,expect", [("", "True"), ("default", "False")])
 def test_retain_freed_memory_makes_xla_reuse_its_temporaries(setting, expect):
     """experiments._malloc makes a jitted program's 64 MiB temporaries come back from
@@ -184,6 +190,8 @@ def test_retain_freed_memory_makes_xla_reuse_its_temporaries(setting, expect):
         assert int(out[2]) > pages // 2    # glibc unmapped them; the pages fault again
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not GLIBC_LINUX, reason="the malloc options and fault counts are glibc's")
 def test_malloc_faults_script_runs_each_setting_in_its_own_process():
     """benchmarks/malloc_faults.py (the source of the allocator table in
     benchmarks/charlm.md) runs at a tiny size and prints one well-formed line per setting;
