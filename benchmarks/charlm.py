@@ -310,13 +310,14 @@ def worker_main(spec_json: str) -> int:
 class _Worker:
     """The parent's handle on one worker process."""
 
-    def __init__(self, spec: dict, env: dict):
+    def __init__(self, spec: dict, env: dict, module: str = "benchmarks.charlm",
+                 cwd: str | None = None):
         self.spec = spec
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.charlm", "--worker", json.dumps(spec)],
+            [sys.executable, "-m", module, "--worker", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-            env=env)
+            env=env, cwd=cwd)
         self.ready = self._read()
 
     def _read(self) -> dict:
@@ -428,6 +429,9 @@ class TrainBenchConfig:
                            "environment's)")
     jaxseq_xla_flags: str = field("", "if set, also run 'jaxseq+flags': jaxseq with these "
                                   "extra XLA_FLAGS, interleaved with the rest")
+    baseline: str = field("", "a checkout of an earlier jaxseq (e.g. a git worktree): also "
+                          "run 'jaxseq-baseline', that checkout's jaxseq, interleaved with "
+                          "the rest (before/after figures of a change)", metavar="DIR")
     torch_device: str = field("auto", "device of the PyTorch implementation (auto: cuda when "
                               "available)", choices=("auto", "cpu", "cuda"))
     cores: tuple[int, ...] = field((), "pin every worker to these CPU cores (e.g. --cores 1: "
@@ -587,9 +591,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         impls.remove("torch")
     if config.jaxseq_xla_flags:
         impls.append("jaxseq+flags")
+    if config.baseline:
+        _baseline_module(config.baseline)  # a usage error unless it is a jaxseq checkout
+        impls.append("jaxseq-baseline")
     if config.in_process and (config.xla_flags or config.jaxseq_xla_flags or config.cores
-                              or config.malloc != "retain-jax" or "jaxseq-cores" in impls):
-        raise UsageError("--xla-flags, --jaxseq-xla-flags, --cores, --malloc and "
+                              or config.malloc != "retain-jax" or "jaxseq-cores" in impls
+                              or config.baseline):
+        raise UsageError("--xla-flags, --jaxseq-xla-flags, --cores, --malloc, --baseline and "
                          "jaxseq-cores need worker processes (drop --in-process)")
     groups = [(c, h) for h in config.hidden for c in _cells(config.cell)]
     out = sys.stderr if config.json else sys.stdout
@@ -621,6 +629,28 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _baseline_module(root: str) -> str:
+    """The benchmark worker module of the checkout at ``root`` (its layout changed once)."""
+    from jaxseq.errors import UsageError
+    for module, path in (("benchmarks.charlm", "benchmarks/charlm.py"),
+                         ("experiments.bench_charlm", "experiments/bench_charlm.py")):
+        if (pathlib.Path(root) / path).is_file():
+            return module
+    raise UsageError(f"--baseline {root}: no jaxseq benchmark (benchmarks/charlm.py or "
+                     f"experiments/bench_charlm.py) there")
+
+
+def _start_worker(config: TrainBenchConfig, impl: str, spec: dict, env: dict):
+    """``impl``'s worker: in this process, a subprocess, or one in the baseline checkout."""
+    if config.in_process:
+        return _InProcess(spec, env)
+    if impl != "jaxseq-baseline":
+        return _Worker(spec, env)
+    root = str(pathlib.Path(config.baseline).resolve())
+    env = dict(env, PYTHONPATH=root)  # the checkout's jaxseq, not this one
+    return _Worker(spec, env, module=_baseline_module(root), cwd=root)
+
+
 def _malloc_mode(config: TrainBenchConfig, impl: str) -> str:
     """``retain`` or ``default``: the ``JAXSEQ_MALLOC`` of ``impl``'s worker."""
     jax_impl = impl != "torch"
@@ -636,16 +666,16 @@ def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str
     ready: dict[str, dict] = {}
     try:
         for impl in impls:
-            spec = dict(base, impl="jaxseq" if impl == "jaxseq+flags" else impl)
+            spec = dict(base, impl="jaxseq" if impl in ("jaxseq+flags", "jaxseq-baseline")
+                        else impl)
             if impl == "torch":
                 spec["dtype"] = "float32"
             flags = config.xla_flags + (" " + config.jaxseq_xla_flags
                                         if impl == "jaxseq+flags" else "")
             bar.set_description(f"{cell} H={hidden}: starting {impl}")
-            maker = _InProcess if config.in_process else _Worker
             env = _impl_env(flags.strip())
             env["JAXSEQ_MALLOC"] = _malloc_mode(config, impl)
-            workers[impl] = maker(spec, env)
+            workers[impl] = _start_worker(config, impl, spec, env)
             ready[impl] = workers[impl].ready
             bar.update(1)
         times: dict[str, list[float]] = {impl: [] for impl in impls}

@@ -45,13 +45,17 @@ def test_charlm_in_process_every_implementation(capsys):
 
 
 def test_charlm_worker_processes_report_their_own_rss(capsys):
+    """Each worker's own RSS; --baseline (here this very checkout) adds its jaxseq."""
     impls = ["jaxseq", "jaxseq-cores"] + (["torch"] if HAS_TORCH else [])
-    assert bench.main(["charlm", *TINY, "--cell", "lstm", "--impl", *impls]) == 0
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert bench.main(["charlm", *TINY, "--cell", "lstm", "--impl", *impls,
+                       "--baseline", str(root)]) == 0
     captured = capsys.readouterr()
     records = json_lines(captured.out)
-    assert [r["impl"] for r in records] == impls
+    assert [r["impl"] for r in records] == impls + ["jaxseq-baseline"]
     assert all(r["rss_mode"] == "worker" and r["peak_rss_mb"] > 50 for r in records)
-    assert [r["malloc"] for r in records] == ["retain"] * 2 + (["default"] if HAS_TORCH else [])
+    assert [r["malloc"] for r in records] == (["retain"] * 2 + (["default"] if HAS_TORCH else [])
+                                              + ["retain"])
     # jaxseq-cores: one JAX device per usable core (that divides the batch of 4)
     cores = math.gcd(len(os.sched_getaffinity(0)), 4)
     assert records[0]["device"] == "cpu"
@@ -89,6 +93,7 @@ def test_sample_and_compile(capsys):
     ["charlm", "--steps", "0"],
     ["sample", "--batch", "0"],
     ["charlm", "--cell", "transformer"],
+    ["charlm", "--baseline", "/nonexistent/jaxseq"],
     ["nonsense"],
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, capsys):
