@@ -62,9 +62,9 @@ def test_bad_input_everywhere(tmp_path):
         "vanishing bad flag": ("experiments.vanishing", ["--no-such-flag"]),
         "vanishing missing data": ("experiments.vanishing", ["--data", missing,
                                                              "--out", str(tmp_path / "v")]),
-        "bench unknown command": ("experiments.bench", ["gpt"]),
-        "bench bad cell": ("experiments.bench", ["charlm", "--cell", "tcn"]),
-        "bench word2vec missing corpus": ("experiments.bench", ["word2vec", "--corpus", missing]),
+        "bench unknown command": ("benchmarks", ["gpt"]),
+        "bench bad cell": ("benchmarks", ["charlm", "--cell", "tcn"]),
+        "bench word2vec missing corpus": ("benchmarks", ["word2vec", "--corpus", missing]),
     }
     for name, (code, out, err) in run_cases(cases).items():
         assert code == 2, f"{name}: exit {code!r}, stderr {err!r}"
@@ -81,8 +81,8 @@ def test_help_on_every_entry_point():
         "word2vec": ("experiments.word2vec", ["--help"]),
         "compare": ("experiments.compare", ["--help"]),
         "vanishing": ("experiments.vanishing", ["--help"]),
-        "bench": ("experiments.bench", ["--help"]),
-        "bench charlm": ("experiments.bench", ["charlm", "--help"]),
+        "bench": ("benchmarks", ["--help"]),
+        "bench charlm": ("benchmarks", ["charlm", "--help"]),
     }
     for name, (code, out, err) in run_cases(cases).items():
         assert code in (0, None), f"{name}: {code} {err}"
