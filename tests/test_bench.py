@@ -44,6 +44,7 @@ def test_charlm_in_process_every_implementation(capsys):
             assert math.isclose(r["vs_torch"], r["chars_per_s"] / torch["chars_per_s"])
 
 
+@pytest.mark.slow
 def test_charlm_worker_processes_report_their_own_rss(capsys):
     """Each worker's own RSS; --baseline (here this very checkout) adds its jaxseq."""
     impls = ["jaxseq", "jaxseq-cores"] + (["torch"] if HAS_TORCH else [])
@@ -106,6 +107,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["benchmarks", "experiments.bench"])
 def test_command_line_entry_point(module):
     """``python -m benchmarks`` and its old name ``python -m experiments.bench``."""
@@ -122,6 +124,7 @@ def test_missing_benchmark_module_is_one_line_and_exit_2(capsys, monkeypatch):
     assert "recurrence" in bench.COMMANDS
 
 
+@pytest.mark.slow
 def test_worker_keeps_freed_memory_unless_told_not_to():
     """The charlm workers (``python -m benchmarks.charlm --worker``) switch the memory
     tuning on themselves, since importing ``experiments`` no longer does; JAXSEQ_MALLOC

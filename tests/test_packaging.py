@@ -11,6 +11,8 @@ import zipfile
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts a Python process
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Modules a library import must not pull in: plotting and progress bars belong to the command
 # lines, flax.linen only to the FlaxCell adapter, torch only to the parity tests.
@@ -75,7 +77,6 @@ def test_flax_cell_is_imported_on_first_use():
     assert "has no attribute 'NoSuchThing'" in info.value.stderr
 
 
-@pytest.mark.slow
 def test_wheel_holds_the_library_alone_and_installs(tmp_path):
     """Build the wheel from the tree, install it (no deps) into a venv that sees this one's
     packages, and import it from outside the tree."""
