@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m benchmarks {charlm,sample,compile,word2vec,recurrence} [flags]``.
+"""Benchmarks: ``python -m benchmarks {charlm,sample,compile,word2vec,recurrence,nnx} [flags]``.
 
 * ``charlm``: char-LM training throughput, jaxseq vs flax.linen vs PyTorch
   (``benchmarks/charlm.py``; results in ``benchmarks/charlm.md``);
@@ -6,7 +6,8 @@
 * ``compile``: train-step compile time against sequence length;
 * ``word2vec``: jaxseq's word2vec vs gensim (``benchmarks/word2vec.py``; results in
   ``benchmarks/word2vec.md``);
-* ``recurrence``: the recurrence kernels on their own (``benchmarks/recurrence.py``).
+* ``recurrence``: the recurrence kernels on their own (``benchmarks/recurrence.py``);
+* ``nnx``: the Flax NNX training step against the functional one (``benchmarks/nnx.py``).
 
 ``python -m benchmarks COMMAND --help`` lists each command's flags.
 """
@@ -17,7 +18,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("charlm", "sample", "compile", "word2vec", "recurrence")
+COMMANDS = ("charlm", "sample", "compile", "word2vec", "recurrence", "nnx")
 
 
 def _load(name: str):

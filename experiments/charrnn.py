@@ -2,6 +2,7 @@
 
 Train:   python -m experiments.charrnn --cell gru [--data FILE] [--out DIR] [--resume]
 Sample:  python -m experiments.charrnn sample --checkpoint DIR --prime "ROMEO:" --length 500
+Export:  python -m experiments.charrnn export --checkpoint DIR --to torch OUT.pt
 
 The run loop lives here; every piece it calls (batches, the train step, the evaluator,
 checkpoint metadata) is in ``jaxseq.charrnn``. Exit codes: 0 done, 2 bad input, 3 stopped
@@ -289,6 +290,60 @@ def _sample_parser():
     return p
 
 
+def _export_parser():
+    p = _cli.parser("python -m experiments.charrnn export",
+                    "Write a char-RNN checkpoint in another framework's format: --to torch "
+                    "writes (with torch.save) the state_dict of nn.ModuleDict(embed="
+                    "nn.Embedding, rnn=nn.RNN/LSTM/GRU, out=nn.Linear), the vocabulary and "
+                    "the sizes; the README's 'Open a checkpoint in PyTorch' loads it.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="run directory (or checkpoint.npz file) to export")
+    p.add_argument("--to", required=True, choices=("torch",), help="target framework")
+    p.add_argument("out", metavar="OUT", help="file to write, e.g. model.pt")
+    return p
+
+
+def torch_export(model, params, vocab: CharVocab, config: CharRNNConfig) -> dict:
+    """What ``export --to torch`` saves: NumPy arrays keyed as PyTorch's
+    ``nn.ModuleDict({"embed": nn.Embedding(V, E), "rnn": nn.GRU(E, H, layers),
+    "out": nn.Linear(H, V)})`` names them, plus the vocabulary and the sizes.
+
+    One-hot input is the embedding whose table is the identity (``E = V``), so every
+    checkpoint loads into the same three modules. The recurrent weights are
+    ``jaxseq.to_torch_state_dict``'s (summed biases in ``bias_ih``, zeros in ``bias_hh``:
+    the same function).
+    """
+    from jaxseq import to_torch_state_dict
+
+    V = vocab.size
+    table = (np.asarray(params.embed, np.float32) if params.embed is not None
+             else np.eye(V, dtype=np.float32))
+    arrays = {"embed.weight": table,
+              **to_torch_state_dict(params.rnn, model.network, prefix="rnn.", as_numpy=True),
+              "out.weight": np.ascontiguousarray(np.asarray(params.w_out, np.float32).T),
+              "out.bias": np.asarray(params.b_out, np.float32)}
+    sizes = {"cell": config.cell, "layers": config.layers, "hidden": config.hidden,
+             "embed": int(table.shape[1]), "vocab_size": V}
+    return {"format": "jaxseq.charrnn.torch/1", "state_dict": arrays,
+            "vocab": list(vocab.chars), "config": sizes}
+
+
+def export_main(argv: Sequence[str]) -> int:
+    args = _export_parser().parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("--to torch needs PyTorch (pip install torch)") from None
+    model, params, vocab, config = charrnn.load_for_sampling(args.checkpoint)
+    out = torch_export(model, params, vocab, config)
+    out["state_dict"] = {k: torch.from_numpy(np.array(v)) for k, v in out["state_dict"].items()}
+    torch.save(out, args.out)
+    print(f"wrote {args.out}: {config.cell} {config.layers}x{config.hidden}, vocabulary "
+          f"{vocab.size}; load it as the README's 'Open a checkpoint in PyTorch' shows",
+          file=sys.stderr)
+    return 0
+
+
 def parse_train_args(argv: Sequence[str]):
     """The training flags, with ``--preset``'s values as the defaults that explicit flags
     (in any spelling argparse accepts) override."""
@@ -338,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "sample":
         return sample_main(argv[1:])
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
     if argv and argv[0] == "train":
         argv = argv[1:]
     return train_main(argv)

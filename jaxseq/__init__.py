@@ -28,7 +28,17 @@ from jaxseq._cells import (
     minlstm,
     rnn,
 )
-from jaxseq._interop import TorchRNNInfo, from_flax_linen_params, from_torch_state_dict
+from jaxseq._interop import (
+    TorchRNNInfo,
+    from_equinox,
+    from_flax_linen_params,
+    from_flax_nnx,
+    from_torch_state_dict,
+    to_equinox_arrays,
+    to_flax_linen_params,
+    to_flax_nnx_state,
+    to_torch_state_dict,
+)
 from jaxseq._linear import linear_recurrence
 from jaxseq._unroll import IMPLS, Stack, reference_unroll, stack, unroll, unroll_embedded
 from jaxseq.errors import UsageError
@@ -42,6 +52,8 @@ __all__ = [
 __all__ += ["FlaxCell", "TorchRNNInfo", "from_flax_linen_params", "from_torch_state_dict"]
 __all__ += ["IMPLS", "unroll_embedded"]
 __all__ += ["linear_recurrence", "mingru", "minlstm"]
+__all__ += ["from_equinox", "from_flax_nnx", "to_equinox_arrays", "to_flax_linen_params",
+            "to_flax_nnx", "to_flax_nnx_state", "to_torch_state_dict"]
 
 
 def __getattr__(name: str):
@@ -49,4 +61,9 @@ def __getattr__(name: str):
     if name == "FlaxCell":
         from jaxseq._linen import FlaxCell
         return FlaxCell
+    # jaxseq.nnx (the NNX modules) and to_flax_nnx need flax.nnx: imported on first use too.
+    if name in ("nnx", "to_flax_nnx"):
+        import importlib
+        module = importlib.import_module("jaxseq.nnx")
+        return module if name == "nnx" else module.to_flax_nnx
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

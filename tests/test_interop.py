@@ -327,3 +327,164 @@ def test_torch_parity_relu_and_no_bias(torch, variant):
     carry, ys = jaxseq.unroll(cell, params[0], cell.initial_carry((B,)), jnp.asarray(xs))
     np.testing.assert_allclose(ys, out.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(carry, h_n[0].numpy(), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------ jaxseq -> PyTorch (out)
+
+
+def random_stack_params(name, num_layers=2, bidirectional=True, seed=0, **cell_kwargs):
+    """``jaxseq.stack`` params with every leaf, biases included, clearly non-zero."""
+    cell = jaxseq.make_cell(name, H, **cell_kwargs)
+    net = jaxseq.stack(cell, num_layers, bidirectional=bidirectional)
+    params = net.init(jax.random.key(seed), F)
+    leaves, treedef = jax.tree.flatten(params)
+    params = treedef.unflatten([a + normal(seed + i, a.shape, 0.5) for i, a in enumerate(leaves)])
+    return cell, net, params
+
+
+def test_to_torch_state_dict_round_trip_without_torch():
+    for name in ("rnn", "lstm", "gru"):
+        cell, net, params = random_stack_params(name)
+        sd = jaxseq.to_torch_state_dict(params, net, as_numpy=True)
+        assert list(sd)[:4] == ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+        assert all(isinstance(v, np.ndarray) for v in sd.values())
+        back, info = jaxseq.from_torch_state_dict(sd, name)
+        assert info == jaxseq.TorchRNNInfo(name, F, H, 2, True, True)
+        chex.assert_trees_all_equal(back, params)  # exact: b + 0 is b
+    one = jaxseq.to_torch_state_dict(params[0][1], cell, prefix="rnn.", as_numpy=True)
+    assert set(one) == {f"rnn.{k}_l0" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+    np.testing.assert_array_equal(one["rnn.bias_hh_l0"][:2 * H], 0.0)
+    np.testing.assert_array_equal(one["rnn.bias_hh_l0"][2 * H:], params[0][1].b_hn)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("cho", r"reset_after=False.*Cho"),
+    ("mingru", "no counterpart of the 'mingru' cell"),
+    ("stack", "the Stack has 3 layers"),
+    ("wrong_params", "params must be a LSTMParams"),
+    ("shapes", r"layer 1: w_ih \(5, 12\)"),
+])
+def test_to_torch_state_dict_errors(case, match):
+    cell, net, params = random_stack_params("gru", bidirectional=False)
+    target = cell
+    if case == "cho":
+        target = jaxseq.gru(H, reset_after=False)
+        params = jaxseq.stack(target, 2).init(jax.random.key(0), F)
+    elif case == "mingru":
+        target = jaxseq.mingru(H)
+        params = jaxseq.stack(target, 2).init(jax.random.key(0), F)
+    elif case == "stack":
+        target = jaxseq.stack(cell, 3)
+    elif case == "wrong_params":
+        target = jaxseq.lstm(H)
+    elif case == "shapes":
+        params = (params[0], params[1]._replace(w_ih=jnp.zeros((5, 3 * H))))
+    with pytest.raises(ValueError, match=match):
+        jaxseq.to_torch_state_dict(params, target, as_numpy=True)
+
+
+@pytest.mark.parametrize("name,bidirectional", [
+    ("rnn", True), ("lstm", True), ("gru", False), ("gru", True), ("rnn_relu", False)])
+def test_to_torch_state_dict_loads_into_torch_and_matches(torch, name, bidirectional):
+    cell_name, kwargs = ("rnn", dict(activation="relu")) if name == "rnn_relu" else (name, {})
+    L, D = 2, 2 if bidirectional else 1
+    cell, net, params = random_stack_params(cell_name, L, bidirectional, **kwargs)
+    cls = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell_name]
+    extra = dict(nonlinearity="relu") if name == "rnn_relu" else {}
+    module = cls(F, H, num_layers=L, bidirectional=bidirectional, **extra)
+    module.load_state_dict(jaxseq.to_torch_state_dict(params, net))  # strict: every key
+    xs = np.array(normal(5, (T, B, F)))
+    state0, carry0 = torch_initial_state(torch, cell_name, L, D)
+    with torch.no_grad():
+        out, state = module(torch.from_numpy(xs), state0)
+    carry, ys = net.apply(params, carry0, jnp.asarray(xs))
+    np.testing.assert_allclose(ys, out.numpy(), atol=1e-5, rtol=0)
+    assert_final_state_matches(cell_name, carry, state, L, D)
+    # And back: the state_dict torch now holds gives the params again, exactly.
+    back, _ = jaxseq.from_torch_state_dict(
+        {k: v.numpy() for k, v in module.state_dict().items()}, cell_name)
+    chex.assert_trees_all_equal(back, params)
+
+
+# ------------------------------------------------------------ jaxseq -> linen (out)
+
+
+@pytest.mark.parametrize("linen_name", list(LINEN_CELLS))
+def test_to_flax_linen_params_runs_in_linen_and_round_trips(linen_name):
+    linen_cls, make = LINEN_CELLS[linen_name]
+    cell = make()
+    params = jax.tree.map(lambda a: a + normal(3, a.shape, 0.5), cell.init(jax.random.key(0), F))
+    linen_params = jaxseq.to_flax_linen_params(params, cell, target=linen_name)
+    layer = nn.RNN(linen_cls(features=H), time_major=True)
+    xs = normal(1, (T, B, F))
+    template = layer.init(jax.random.key(1), xs)
+    assert jax.tree.structure(template["params"]["cell"]) == jax.tree.structure(linen_params)
+    linen_ys = layer.apply({"params": {"cell": linen_params}}, xs)
+    _, ys = jaxseq.unroll(cell, params, cell.initial_carry((B,)), xs)
+    chex.assert_trees_all_close(ys, linen_ys, atol=1e-5, rtol=0)
+    chex.assert_trees_all_equal(jaxseq.from_flax_linen_params(linen_params), params)
+
+
+def test_to_flax_linen_params_errors():
+    cho = jaxseq.gru(H, reset_after=False)
+    with pytest.raises(ValueError, match=r"flax.linen cannot express .*reset_after=False"):
+        jaxseq.to_flax_linen_params(cho.init(jax.random.key(0), F), cho)
+    lstm = jaxseq.lstm(H)
+    with pytest.raises(ValueError, match="target='GRUCell' cannot hold a jaxseq lstm"):
+        jaxseq.to_flax_linen_params(lstm.init(jax.random.key(0), F), lstm, "GRUCell")
+
+
+# ------------------------------------------------------------ equinox (in and out)
+
+
+def test_equinox_arrays_round_trip_without_equinox():
+    for cell in (jaxseq.lstm(H), jaxseq.gru(H)):
+        params = jax.tree.map(lambda a: a + normal(4, a.shape, 0.5),
+                              cell.init(jax.random.key(0), F))
+        arrays = jaxseq.to_equinox_arrays(params, cell)
+        chex.assert_shape(arrays["weight_ih"], (cell.num_gates * H, F))
+        chex.assert_trees_all_equal(jaxseq.from_equinox(arrays, cell_name=cell.name), params)
+    no_bias = jaxseq.from_equinox({"weight_ih": np.ones((3 * H, F), np.float32),
+                                   "weight_hh": np.ones((3 * H, H), np.float32),
+                                   "bias": None, "bias_n": None})
+    assert not np.any(np.asarray(no_bias.b)) and not np.any(np.asarray(no_bias.b_hn))
+    with pytest.raises(ValueError, match="neither an LSTMCell"):
+        jaxseq.from_equinox({"weight_ih": np.ones((2 * H, F)), "weight_hh": np.ones((2 * H, H))})
+    rnn = jaxseq.rnn(H)
+    with pytest.raises(ValueError, match="no vanilla"):
+        jaxseq.to_equinox_arrays(rnn.init(jax.random.key(0), F), rnn)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_equinox_parity_and_round_trip(name):
+    eqx = pytest.importorskip("equinox", reason="equinox parity tests need equinox")
+    cls = {"lstm": eqx.nn.LSTMCell, "gru": eqx.nn.GRUCell}[name]
+    eqx_cell = cls(F, H, key=jax.random.key(0))  # equinox draws non-zero biases
+    assert np.any(np.asarray(eqx_cell.bias) != 0.0)
+    xs = normal(1, (T, B, F))
+    h0, c0 = normal(2, (B, H), 0.5), normal(3, (B, H))
+    eqx_carry0 = (h0, c0) if name == "lstm" else h0
+
+    def run_eqx(module):
+        def one_sequence(carry, xs_b):  # equinox cells are unbatched: scan, then vmap
+            def step(c, x):
+                c = module(x, c)
+                return c, (c[0] if name == "lstm" else c)
+            return jax.lax.scan(step, carry, xs_b)
+        return jax.vmap(one_sequence, in_axes=(0, 1), out_axes=(0, 1))(eqx_carry0, xs)
+
+    eqx_carry, eqx_ys = run_eqx(eqx_cell)
+    cell = jaxseq.make_cell(name, H)
+    params = jaxseq.from_equinox(eqx_cell)
+    carry0 = jaxseq.LSTMState(h0, c0) if name == "lstm" else h0
+    carry, ys = jaxseq.unroll(cell, params, carry0, xs)
+    chex.assert_trees_all_close(ys, eqx_ys, atol=1e-5, rtol=0)
+    want = jaxseq.LSTMState(*eqx_carry) if name == "lstm" else eqx_carry
+    chex.assert_trees_all_close(carry, want, atol=1e-5, rtol=0)
+
+    arrays = jaxseq.to_equinox_arrays(params, cell)
+    names = sorted(arrays)
+    fresh = eqx.tree_at(lambda c: [getattr(c, n) for n in names],
+                        cls(F, H, key=jax.random.key(9)), [arrays[n] for n in names])
+    chex.assert_trees_all_equal(jaxseq.from_equinox(fresh), params)
+    chex.assert_trees_all_close(run_eqx(fresh)[1], eqx_ys, atol=1e-6, rtol=0)
