@@ -254,6 +254,7 @@ def test_charlm_nnx_train_step_equals_the_functional_step_and_traces_once():
     assert int(optimizer.step[...]) == 2
 
 
+@pytest.mark.slow
 def test_nnx_is_imported_on_use_only():
     import subprocess
     import sys
