@@ -8,7 +8,9 @@
 #
 # It installs nothing. It prints one JSON line per measurement on stdout (the tables go to
 # stderr) and, first, one JSON line describing the devices; when JAX sees no GPU it says so
-# in that line and exits with status 3 instead of timing CPUs. About 5 minutes on an H100.
+# in that line and exits with status 3 instead of timing CPUs. About 5 minutes on an H100
+# for the char-LM runs; the recurrence run (40 workers, each compiling one train step) has
+# not been timed on a GPU yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
@@ -48,3 +50,9 @@ PY
     --impl jaxseq flax torch --steps 10 --warmup 3 --json --no-progress
 # Sampling: 2,000 characters at batch 1 and 64.
 "$PYTHON" -m benchmarks sample --cell lstm --hidden 512 --batch 1 64 --json
+# minGRU and minLSTM, scan and associative forms, against the fused GRU and LSTM: 2-layer
+# char LMs, T = 128 / 512 / 2048 / 8192 at 8192 characters per batch, equal hidden size and
+# equal parameter count (benchmarks/recurrence.md has the CPU run). On a GPU "auto" picks
+# the associative form for the min cells (jaxseq/_linear.py: associative_pays); this run
+# says whether that holds.
+"$PYTHON" -m benchmarks recurrence --json --no-progress

@@ -282,13 +282,17 @@ def count_model_params(config: CharRNNConfig, vocab_size: int) -> int:
     return count_params(jax.eval_shape(model.init, jax.random.key(0)))
 
 
-def hidden_for_param_count(config: CharRNNConfig, vocab_size: int, target: int) -> int:
+def hidden_for_param_count(
+    config: CharRNNConfig, vocab_size: int, target: int, *,
+    resize: Callable[[CharRNNConfig, int], CharRNNConfig] = (
+        lambda c, hidden: dataclasses.replace(c, hidden=hidden)),
+) -> int:
     """The hidden size that brings a model of ``config`` closest to ``target`` parameters
-    (the smaller one on a tie)."""
+    (the smaller one on a tie). ``resize(config, hidden)`` is the model of that size (by
+    default only ``hidden`` changes; the benchmarks also set ``embed=hidden``)."""
     if target <= 0:
         raise ValueError(f"target must be positive, got {target}")
-    count = lambda hidden: count_model_params(dataclasses.replace(config, hidden=hidden),
-                                              vocab_size)
+    count = lambda hidden: count_model_params(resize(config, hidden), vocab_size)
 
     lo, hi = 1, 1
     while count(hi) < target:

@@ -2,6 +2,9 @@
 
     python -m experiments.compare --budget-chars 1500000 --out runs/compare
     python -m experiments.compare --budget-seconds 60 --input both --match params
+    python -m experiments.compare --cells rnn,lstm,gru,mingru,minlstm
+
+``--cells`` takes any cells of ``jaxseq.make_cell`` (comma- or space-separated).
 
 Every run trains a char LM on the same text, one step of each run in turn, until it has
 seen ``--budget-chars`` characters or spent ``--budget-seconds`` of training wall-clock.
@@ -23,6 +26,7 @@ import sys
 from typing import Optional, Sequence
 
 from experiments import _cli, _malloc, _race
+from jaxseq._cells import CELLS
 from jaxseq.charrnn import CharRNNConfig
 from jaxseq.data import CharVocab, load_corpus
 from jaxseq.config import field
@@ -30,8 +34,11 @@ from jaxseq.errors import UsageError
 
 DEFAULT_OUT = "runs/compare"
 DEFAULT_BUDGET_CHARS = 1_500_000
-CELL_NAMES = ("rnn", "lstm", "gru")
-COLORS = {"rnn": "tab:blue", "lstm": "tab:orange", "gru": "tab:green"}
+CELL_NAMES = ("rnn", "lstm", "gru")  # the default set; any of jaxseq's CELLS may be asked for
+COLORS = {"rnn": "tab:blue", "lstm": "tab:orange", "gru": "tab:green", "mingru": "tab:red",
+          "minlstm": "tab:purple"}
+DISPLAY_NAMES = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU", "mingru": "minGRU",
+                 "minlstm": "minLSTM"}
 LINESTYLES = {"embedding": "-", "onehot": "--"}
 
 
@@ -39,7 +46,8 @@ LINESTYLES = {"embedding": "-", "onehot": "--"}
 class CompareConfig:
     """Every setting of a comparison (each one is a command-line flag)."""
 
-    cells: tuple[str, ...] = field(CELL_NAMES, "cells to compare (rnn, lstm, gru)")
+    cells: tuple[str, ...] = field(CELL_NAMES, f"cells to compare, comma- or space-separated, "
+                                   f"from {', '.join(CELLS)}")
     input: str = field("embedding", "input encoding: learned embeddings, one-hot vectors, "
                             "or both (every cell twice)", choices=("embedding", "onehot", "both"))
     match: str = field("hidden", "hidden: every cell gets --hidden units; params: each "
@@ -73,11 +81,7 @@ class CompareConfig:
         return _race.Budget(chars=chars, seconds=self.budget_seconds)
 
     def validate(self) -> None:
-        unknown = [c for c in self.cells if c not in CELL_NAMES]
-        if unknown:
-            raise UsageError(f"unknown cell {unknown[0]!r}; choose from {', '.join(CELL_NAMES)}")
-        if len(set(self.cells)) != len(self.cells):
-            raise UsageError("--cells lists a cell twice")
+        check_cells(self.cells)
         for name in ("hidden", "layers", "embed", "batch", "seq", "eval_points"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, "
@@ -92,6 +96,22 @@ class CompareConfig:
 
     def input_modes(self) -> tuple[str, ...]:
         return ("embedding", "onehot") if self.input == "both" else (self.input,)
+
+
+def split_cells(values: Sequence[str]) -> tuple[str, ...]:
+    """``("rnn,lstm", "gru")`` -> ``("rnn", "lstm", "gru")``: ``--cells`` in either spelling."""
+    return tuple(name.strip() for v in values for name in v.split(",") if name.strip())
+
+
+def check_cells(cells: Sequence[str]) -> None:
+    """``UsageError`` unless ``cells`` names registered cells (``jaxseq.make_cell``), once each."""
+    if not cells:
+        raise UsageError("--cells names no cell")
+    unknown = [c for c in cells if c not in CELLS]
+    if unknown:
+        raise UsageError(f"unknown cell {unknown[0]!r}; choose from {', '.join(CELLS)}")
+    if len(set(cells)) != len(cells):
+        raise UsageError("--cells lists a cell twice")
 
 
 def run_configs(config: CompareConfig, vocab_size: int) -> list[tuple[str, CharRNNConfig]]:
@@ -223,8 +243,8 @@ def describe_machine(m: dict) -> str:
 
 def _parser():
     p = _cli.parser("python -m experiments.compare",
-                    "Train RNN, LSTM and GRU char LMs under one budget (equal characters or "
-                    "equal wall-clock) and write a table, a plot of validation loss and samples.")
+                    "Train char LMs of several cells (RNN, LSTM, GRU by default) under one "
+                    "budget (equal characters or equal wall-clock) and write a table, a plot of validation loss and samples.")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="UTF-8 text file (default: Tiny Shakespeare via $JAXSEQ_DATA, the data/ "
                         "cache, or a download)")
@@ -240,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _malloc.retain_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    config = _cli.config_from_args(CompareConfig, args)
+    config = _cli.config_from_args(CompareConfig, args, cells=split_cells(args.cells))
     config.validate()
     out = pathlib.Path(args.out)
     text = load_corpus(args.data)
@@ -260,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     table = results_table(results)
     (out / "results.md").write_text(
-        f"# RNN vs LSTM vs GRU under one budget\n\n"
+        f"# {' vs '.join(DISPLAY_NAMES.get(c, c) for c in config.cells)} under one budget\n\n"
         f"Command: `{command}`\n\n"
         f"Budget per run: {budget.describe()}; batch {config.batch} x {config.seq} characters "
         f"per step, {config.layers} layer(s), Adam lr {config.lr:g}, match={config.match}. "

@@ -1,8 +1,10 @@
 """Vanishing gradients, measured: how far back does each cell's gradient reach?
 
     python -m experiments.vanishing --out runs/vanishing
+    python -m experiments.vanishing --cells rnn,lstm,gru,mingru,minlstm
 
-Two experiments, each on RNN, LSTM and GRU:
+Two experiments, each on RNN, LSTM and GRU (``--cells`` adds minGRU and minLSTM, whose
+state Jacobian ``∂h_t/∂h_{t-1} = diag(a_t)`` is the product of their gates alone):
 
 1. Gradient through time on Tiny Shakespeare. For windows of real text, the norm of the
    gradient of the last step's loss with respect to the recurrent state ``k`` steps
@@ -30,8 +32,8 @@ from typing import Sequence
 import numpy as np
 
 from experiments import _cli, _malloc, _race
-from experiments.compare import (CELL_NAMES, COLORS, describe_machine, machine_summary,
-                                 prepare_out_dir)
+from experiments.compare import (CELL_NAMES, COLORS, check_cells, describe_machine,
+                                 machine_summary, prepare_out_dir, split_cells)
 from jaxseq import analysis
 from jaxseq.charrnn import CharRNNConfig, build_model
 from jaxseq.data import CharVocab, load_corpus, train_val_split
@@ -40,7 +42,7 @@ from jaxseq.errors import UsageError
 
 DEFAULT_OUT = "runs/vanishing"
 TABLE_STEPS = (1, 10, 50, 100, 200)
-MARKERS = {"rnn": "o", "lstm": "s", "gru": "^"}
+MARKERS = {"rnn": "o", "lstm": "s", "gru": "^", "mingru": "D", "minlstm": "v"}
 PHASE_NAMES = {"init": "at initialisation", "trained": "trained"}
 
 
@@ -48,7 +50,8 @@ PHASE_NAMES = {"init": "at initialisation", "trained": "trained"}
 class VanishingConfig:
     """Every setting of the vanishing-gradient experiments (each one is a flag)."""
 
-    cells: tuple[str, ...] = field(CELL_NAMES, "cells to measure (rnn, lstm, gru)")
+    cells: tuple[str, ...] = field(CELL_NAMES, "cells to measure, comma- or space-separated, "
+                                   "from rnn, lstm, gru, mingru, minlstm")
     hidden: int = field(128, "units of the one recurrent layer (Shakespeare model)")
     embed: int = field(32, "embedding width (Shakespeare model)")
     window: int = field(256, "steps back measured, K (the lecture's claim needs >= 200)")
@@ -72,11 +75,7 @@ class VanishingConfig:
     seed: int = field(0, "random seed")
 
     def validate(self) -> None:
-        unknown = [c for c in self.cells if c not in CELL_NAMES]
-        if unknown:
-            raise UsageError(f"unknown cell {unknown[0]!r}; choose from {', '.join(CELL_NAMES)}")
-        if len(set(self.cells)) != len(self.cells):
-            raise UsageError("--cells lists a cell twice")
+        check_cells(self.cells)
         positive = ("hidden", "embed", "window", "examples", "train_chars", "train_batch",
                     "train_seq", "task_steps", "task_batch", "task_hidden", "task_symbols",
                     "task_noise", "task_eval_size")
@@ -221,7 +220,8 @@ def recall_table(results: list, cfg: VanishingConfig) -> str:
 
 def _parser():
     p = _cli.parser("python -m experiments.vanishing",
-                    "Measure how the gradient through time shrinks for RNN, LSTM and GRU "
+                    "Measure how the gradient through time shrinks for RNN, LSTM and GRU (or "
+                    "--cells) "
                     "(at initialisation and after training) and train them on a long-range "
                     "recall task; write plots and tables.")
     p.add_argument("--data", default=None, metavar="PATH",
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _malloc.retain_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    cfg = _cli.config_from_args(VanishingConfig, args)
+    cfg = _cli.config_from_args(VanishingConfig, args, cells=split_cells(args.cells))
     cfg.validate()
     out = pathlib.Path(args.out)
     text = load_corpus(args.data)

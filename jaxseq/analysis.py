@@ -1,4 +1,5 @@
-"""Measurements behind the lecture's claims about RNN, LSTM and GRU: gradients through time.
+"""Measurements behind the lecture's claims about RNN, LSTM and GRU (and minGRU, minLSTM):
+gradients through time.
 
 Plain functions, so that the experiment scripts stay thin (the recall task and the budget
 race that train models are in ``experiments/_race.py``):
@@ -8,7 +9,13 @@ race that train models are in ``experiments/_race.py``):
   (or grows) with ``k``; ``state_jacobian_norms`` measures the Frobenius norm of the
   Jacobian ``∂h_T/∂s_{T-k}``. Both add a zero perturbation ``ε_t`` to the state after
   every step inside the scan and differentiate with respect to the ``ε``'s: one backward
-  pass then yields ``∂L/∂s_t`` for every ``t`` at once.
+  pass then yields ``∂L/∂s_t`` for every ``t`` at once. They work for any cell, minGRU and
+  minLSTM included.
+* **The linear cells in closed form.** For minGRU and minLSTM, ``h_t = a_t * h_{t-1} + b_t``
+  with ``a_t`` a function of ``x_t`` alone, so ``∂h_t/∂h_{t-1} = diag(a_t)`` and
+  ``∂h_T/∂h_{T-k} = diag(a_T * ... * a_{T-k+1})``: no recurrent matrix and no ``tanh'``
+  between steps, only a product of gates in (0, 1). ``gate_product_norms`` computes its
+  Frobenius norm from ``cell.coefficients`` without a backward pass.
 """
 
 from __future__ import annotations
@@ -142,6 +149,33 @@ def state_jacobian_norms(cell: Cell, params: Params, xs: Array, *, burn_in: int 
 
     per_example = jax.lax.map(one_example, (carry, jnp.swapaxes(zs, 0, 1)))  # (B, K)
     return per_example.T[::-1]
+
+
+def gate_product_norms(cell: Cell, params: Params, xs: Array, *, burn_in: int = 0) -> Array:
+    """``state_jacobian_norms`` in closed form for a cell linear in its carry.
+
+    For minGRU and minLSTM (``cell.coefficients`` is set) the Jacobian of the last state
+    with respect to the state ``k`` steps earlier is diagonal,
+    ``∂h_T/∂h_{T-k} = diag(a_T * a_{T-1} * ... * a_{T-k+1})`` (``a = 1 - z`` for minGRU,
+    the normalised forget gate ``f'`` for minLSTM), so its Frobenius norm is the Euclidean
+    norm of that product of gates. It depends on the inputs only, not on the state.
+
+    Args:
+      cell: a cell with ``coefficients``.
+      params: its parameters.
+      xs: ``(burn_in + K, B, F)`` inputs, as in ``state_jacobian_norms``.
+      burn_in: steps before the ``K`` measured ones (they do not enter the product).
+
+    Returns:
+      ``(K, B)``; row ``k`` is ``k`` steps before the last (row 0 is ``√H``).
+    """
+    if cell.coefficients is None:
+        raise ValueError(f"the {cell.name!r} cell is not linear in its carry "
+                         f"(cell.coefficients is None)")
+    a, _ = cell.coefficients(params, cell.project(params, xs[burn_in:]))  # (K, B, H)
+    products = jnp.cumprod(a[::-1], axis=0)[:-1]  # row k-1: a_T * ... * a_{T-k+1}
+    products = jnp.concatenate([jnp.ones_like(a[:1]), products], axis=0)
+    return jnp.sqrt(jnp.sum(jnp.square(products), axis=-1))
 
 
 @functools.partial(jax.jit, static_argnames=("cell", "burn_in", "input_mode", "vocab_size",

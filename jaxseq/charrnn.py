@@ -23,6 +23,8 @@ import optax
 
 from jaxseq import checkpoint as ckpt
 from jaxseq import parallel
+from jaxseq._cells import CELLS
+from jaxseq._unroll import IMPLS
 from jaxseq.config import field
 from jaxseq.data import CharVocab, train_val_split
 from jaxseq.errors import UsageError
@@ -32,7 +34,8 @@ from jaxseq.models import CharLM, char_lm, cross_entropy
 class CharRNNConfig:
     """Every setting of a char-RNN run (each one is a command-line flag)."""
 
-    cell: str = field("gru", "recurrent cell", choices=("rnn", "lstm", "gru"))
+    cell: str = field("gru", "recurrent cell (mingru, minlstm: Feng et al. 2024, no "
+                      "recurrent matrix)", choices=tuple(CELLS))
     layers: int = field(2, "number of stacked recurrent layers")
     hidden: int = field(256, "units per layer")
     embed: int = field(64, "character embedding width")
@@ -61,7 +64,7 @@ class CharRNNConfig:
                          "checkpoint) or skip the step", choices=("stop", "skip"))
     train_fraction: float = field(0.9, "leading fraction of the corpus used for training")
     impl: str = field("auto", "which implementation of the recurrent layers runs (see "
-                      "jaxseq.unroll)", choices=("auto", "scan", "fused"))
+                      "jaxseq.unroll; associative: mingru and minlstm only)", choices=IMPLS)
 
     def validate(self) -> None:
         positive = ("layers", "hidden", "embed", "steps", "batch", "seq", "eval_every",
@@ -77,10 +80,10 @@ class CharRNNConfig:
             raise UsageError(f"lr must be positive, got {self.lr}")
         if not 0.0 < self.train_fraction < 1.0:
             raise UsageError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
-        choices = {"cell": ("rnn", "lstm", "gru"), "input": ("embedding", "onehot"),
+        choices = {"cell": tuple(CELLS), "input": ("embedding", "onehot"),
                    "dtype": ("float32", "bfloat16"), "windows": ("sequential", "random"),
                    "schedule": ("cosine", "constant"), "nan_policy": ("stop", "skip"),
-                   "impl": ("auto", "scan", "fused")}
+                   "impl": IMPLS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{name} must be one of {', '.join(allowed)}, "

@@ -85,7 +85,8 @@ def char_lm(
 
     Args:
       vocab_size: V, the number of distinct characters.
-      cell: ``"rnn"``, ``"lstm"`` or ``"gru"``.
+      cell: any name of ``jaxseq.make_cell``: ``"rnn"``, ``"lstm"``, ``"gru"``, ``"mingru"``
+        or ``"minlstm"``.
       hidden: H, units per layer.
       layers: number of stacked recurrent layers.
       embed: E, embedding width (ignored with one-hot input, where the width is V).

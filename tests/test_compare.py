@@ -13,7 +13,7 @@ from jaxseq.charrnn import CharRNNConfig
 
 TINY = ["--hidden", "16", "--embed", "4", "--batch", "4", "--seq", "16", "--eval-points", "2",
         "--sample-length", "24", "--warmup", "0", "--lr", "1e-2", "--no-progress"]
-GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+GATES = {"rnn": 1, "lstm": 4, "gru": 3, "mingru": 2, "minlstm": 3}
 
 
 @pytest.fixture
@@ -29,7 +29,8 @@ def corpus(tmp_path):
 def expected_params(cell, hidden, vocab, embed, input_mode):
     """Written from the architecture: (embedding) -> one layer with G gate blocks -> dense."""
     width = embed if input_mode == "embedding" else vocab
-    count = GATES[cell] * (width * hidden + hidden * hidden + hidden) + hidden * vocab + vocab
+    recurrent = 0 if cell.startswith("min") else hidden * hidden  # min cells: no W_hh
+    count = GATES[cell] * (width * hidden + recurrent + hidden) + hidden * vocab + vocab
     if input_mode == "embedding":
         count += vocab * embed
     if cell == "gru":
@@ -85,14 +86,27 @@ def test_input_both_and_seconds_budget(corpus, tmp_path):
     assert not (out / "samples.md").exists()
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_min_cells_from_a_comma_list_under_a_seconds_budget(corpus, tmp_path):
+    out = tmp_path / "cmp"
+    assert cli.main(["--data", str(corpus), "--out", str(out), *TINY, "--budget-seconds",
+                     "0.2", "--cells", "mingru,minlstm", "--sample-length", "0"]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert [r["cell"] for r in record["runs"]] == ["mingru", "minlstm"]
+    vocab = len(set(corpus.read_text()))
+    for run in record["runs"]:
+        assert run["seconds"] >= 0.2
+        assert run["parameters"] == expected_params(run["cell"], 16, vocab, 4, "embedding")
+    assert (out / "results.md").read_text().startswith("# minGRU vs minLSTM under")
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "mingru", "minlstm"])
 def test_hidden_for_param_count_is_the_closest(cell):
     vocab = 40
     base = CharRNNConfig(cell=cell, layers=1, embed=8)
     target = expected_params("lstm", 64, vocab, 8, "embedding")
     hidden = _race.hidden_for_param_count(base, vocab, target)
     gaps = {h: abs(expected_params(cell, h, vocab, 8, "embedding") - target)
-            for h in range(1, 400)}
+            for h in range(1, 1000)}
     assert gaps[hidden] == min(gaps.values())
     cfg = dataclasses.replace(base, hidden=hidden)
     assert _race.count_model_params(cfg, vocab) == expected_params(cell, hidden, vocab, 8,
@@ -113,6 +127,7 @@ def test_match_params_run_configs():
     (["--budget-chars", "0"], "--budget-chars must be positive"),
     (["--budget-seconds", "-1"], "--budget-seconds must be positive"),
     (["--cells", "rnn", "elman"], "unknown cell 'elman'"),
+    (["--cells", "gru,gru"], "lists a cell twice"),
     (["--data", "/no/such/file.txt"], "corpus file not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(extra, message, corpus, tmp_path, capsys):

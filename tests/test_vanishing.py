@@ -18,6 +18,7 @@ import reference
 from experiments import _cli, _race
 from experiments import vanishing as cli
 from jaxseq import analysis
+from jaxseq._cells import MinParams
 from jaxseq.models import char_lm
 
 H, F, V = 4, 3, 5
@@ -143,6 +144,38 @@ def test_jacobian_norm_matches_explicit_product():
         np.testing.assert_allclose(measured[:, b], expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+def test_min_cells_jacobian_is_the_product_of_their_gates(name):
+    """Autodiff through the cell's step (state_jacobian_norms) against the closed form
+    ∂h_T/∂h_(T-k) = diag(a_T ... a_(T-k+1)) written here from the equations in NumPy."""
+    rng = np.random.default_rng(4)
+    T, B, burn = 10, 3, 2
+    cell = jaxseq.make_cell(name, H)
+    G = cell.num_gates
+    w = rng.standard_normal((F, G * H))
+    bias = rng.standard_normal(G * H)  # non-zero biases
+    xs = rng.standard_normal((T, B, F))
+    z = xs @ w + bias
+    sig = lambda u: 1.0 / (1.0 + np.exp(-u))
+    if name == "mingru":
+        a = 1.0 - sig(z[..., :H])
+    else:
+        f, i = sig(z[..., :H]), sig(z[..., H:2 * H])
+        a = f / (f + i)
+    a = a[burn:]
+    expected = [np.full(B, math.sqrt(H))]
+    for k in range(1, T - burn):
+        expected.append(np.linalg.norm(np.prod(a[T - burn - k:], axis=0), axis=-1))
+    with jax.enable_x64(True):
+        params = MinParams(w_ih=jnp.asarray(w), b=jnp.asarray(bias))
+        measured = analysis.state_jacobian_norms(cell, params, jnp.asarray(xs), burn_in=burn)
+        closed = analysis.gate_product_norms(cell, params, jnp.asarray(xs), burn_in=burn)
+    np.testing.assert_allclose(np.asarray(measured), np.array(expected), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(closed), np.array(expected), rtol=1e-10)
+    with pytest.raises(ValueError, match="not linear in its carry"):
+        analysis.gate_product_norms(jaxseq.gru(H), None, jnp.asarray(xs))
+
+
 def _small_recurrent(model, scale, seed=0):
     params = model.init(jax.random.key(seed))
     layer = params.rnn[0]
@@ -232,6 +265,18 @@ def test_main_writes_plots_and_tables(corpus, tmp_path, capsys):
             assert math.isclose(g["jacobian"][0], math.sqrt(8))  # the identity
     assert [(r["cell"], r["gap"]) for r in record["recall"]] == [("lstm", 2)]
     assert "## Loss gradient" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_main_measures_the_min_cells_from_a_comma_list(corpus, tmp_path):
+    out = tmp_path / "van"
+    argv = ["--data", str(corpus), "--out", str(out), "--cells", "mingru,minlstm", *TINY,
+            "--jacobian-examples", "0", "--task-steps", "1"]
+    assert cli.main(argv) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert list(record["gradients"]) == ["mingru", "minlstm"]
+    assert [r["cell"] for r in record["recall"]] == ["mingru", "minlstm"]
+    assert "| minlstm | trained |" in (out / "gradients.md").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
