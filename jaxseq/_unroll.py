@@ -60,32 +60,36 @@ def _valid_steps(num_steps: int, seq_lengths: Array, xs_ndim: int) -> Array:
     return steps < jnp.asarray(seq_lengths)[None]
 
 
-def scan_unroll(cell: Cell, params: Params, carry: Carry, xs: Array, *, reverse: bool = False,
+def scan_unroll(cell: Cell, params: Params, carry: Carry, zs: Array, *, reverse: bool = False,
                 seq_lengths: Optional[Array] = None) -> tuple[Carry, Array]:
-    """``unroll(impl="scan")``: ``lax.scan`` of ``cell.step`` over ``cell.project(xs)``."""
-    zs = cell.project(params, xs)
+    """``unroll(impl="scan")`` on projected inputs: ``lax.scan`` of ``cell.step`` over ``zs``.
+
+    ``zs: (T, *batch, G*H)`` is ``cell.project(params, xs)``, computed by the caller for the
+    whole sequence at once (the hoisted input product).
+    """
     if seq_lengths is None:
         return jax.lax.scan(lambda c, z: cell.step(params, c, z), carry, zs, reverse=reverse)
-    valid = _valid_steps(xs.shape[0], seq_lengths, xs.ndim)
+    valid = _valid_steps(zs.shape[0], seq_lengths, zs.ndim)
     return jax.lax.scan(_masked_step(cell.step, params), carry, (zs, valid), reverse=reverse)
 
 
-def associative_unroll(cell: Cell, params: Params, carry: Array, xs: Array, *,
+def associative_unroll(cell: Cell, params: Params, carry: Array, zs: Array, *,
                        reverse: bool = False,
                        seq_lengths: Optional[Array] = None) -> tuple[Array, Array]:
-    """``unroll(impl="associative")``: ``linear_recurrence`` on ``cell.coefficients``.
+    """``unroll(impl="associative")`` on projected inputs ``zs = cell.project(params, xs)``:
+    ``linear_recurrence`` on ``cell.coefficients(params, zs)``.
 
     Steps at ``t >= seq_lengths`` get ``a = 1, b = 0``, the identity map, so the state
     passes through them unchanged (as the masked scan leaves its carry) and the last state
     of the run, ``hs[-1]`` (``hs[0]`` in reverse), is the last valid one; their outputs
     are then zeroed like the scan's.
     """
-    a, b = cell.coefficients(params, cell.project(params, xs))
+    a, b = cell.coefficients(params, zs)
     if seq_lengths is not None:
-        valid = _valid_steps(xs.shape[0], seq_lengths, xs.ndim)[..., None]
+        valid = _valid_steps(zs.shape[0], seq_lengths, zs.ndim)[..., None]
         a, b = jnp.where(valid, a, 1.0), jnp.where(valid, b, 0.0)
     hs = linear_recurrence(a, b, carry, reverse=reverse, impl="associative")
-    final = carry if xs.shape[0] == 0 else hs[0 if reverse else -1]
+    final = carry if zs.shape[0] == 0 else hs[0 if reverse else -1]
     if seq_lengths is not None:
         hs = jnp.where(valid, hs, jnp.zeros_like(hs))
     return final, hs
@@ -189,10 +193,9 @@ def unroll(
     if chosen == "fused":
         return _forward_mode_hint(
             lambda: fused_unroll(cell, params, carry, xs, reverse=reverse, mesh=mesh))
-    if chosen == "associative":
-        return associative_unroll(cell, params, carry, xs, reverse=reverse,
-                                  seq_lengths=seq_lengths)
-    return scan_unroll(cell, params, carry, xs, reverse=reverse, seq_lengths=seq_lengths)
+    run = associative_unroll if chosen == "associative" else scan_unroll
+    return run(cell, params, carry, cell.project(params, xs), reverse=reverse,
+               seq_lengths=seq_lengths)
 
 
 def unroll_embedded(
@@ -206,15 +209,14 @@ def unroll_embedded(
     impl: str = "auto",
     mesh: Any = None,
 ) -> tuple[Carry, Array]:
-    """``unroll(cell, params, carry, table[tokens])``, projecting the table when fused.
+    """``unroll(cell, params, carry, table[tokens])``, projecting the table, not the inputs.
 
     An embedding followed by the input projection of the first layer is a lookup in the
-    ``(V, G*H)`` product ``table @ W_ih``. The fused path computes that product and gathers
-    its rows instead of projecting all ``T*B`` embedded inputs
-    (``_fused.fused_unroll_embedded``); the scan and associative paths are ``unroll`` on
-    ``table[tokens]``.
-    The two give the same function and gradients. Whether the product pays is the caller's
-    choice (``jaxseq.models.char_lm`` compares the FLOPs of both).
+    ``(V, G*H)`` product ``cell.project(params, table)``: every implementation computes that
+    product and gathers its rows instead of projecting all ``T*B`` embedded inputs (the
+    fused path with its own gather and backward pass, ``_fused.fused_unroll_embedded``).
+    The result and gradients equal ``unroll`` on ``table[tokens]``. Whether the product
+    pays is the caller's choice (``jaxseq.models.char_lm`` compares the FLOPs of both).
 
     Args:
       cell: the first layer's cell.
@@ -239,9 +241,10 @@ def unroll_embedded(
     if chosen == "fused":
         return _forward_mode_hint(lambda: fused_unroll_embedded(
             cell, params, carry, table, tokens, reverse=reverse, mesh=mesh))
-    if chosen == "associative":
-        return associative_unroll(cell, params, carry, table[tokens], reverse=reverse)
-    return scan_unroll(cell, params, carry, table[tokens], reverse=reverse)
+    # project(table)[tokens] == project(table[tokens]): the input product of the V table
+    # rows, then a gather, instead of the product of all T*B looked-up rows.
+    run = associative_unroll if chosen == "associative" else scan_unroll
+    return run(cell, params, carry, cell.project(params, table)[tokens], reverse=reverse)
 
 
 def reference_unroll(

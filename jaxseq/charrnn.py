@@ -195,8 +195,8 @@ def make_train_step(model: CharLM, optimizer, config: CharRNNConfig, *, impl: st
 
     Args:
       model, optimizer, config: the run's pieces (``build_model``, ``make_optimizer``).
-      impl: the recurrent layers' implementation, ``"auto"``, ``"scan"`` or ``"fused"``
-        (``jaxseq.unroll``).
+      impl: the recurrent layers' implementation, one of ``jaxseq.IMPLS`` (``"auto"``,
+        ``"scan"``, ``"fused"``, ``"associative"``; see ``jaxseq.unroll``).
       mesh: a data-parallel mesh (``parallel.data_mesh``) for a state placed by
         ``shard_state``: the fused layers split the batch over it under ``shard_map``, the
         new state keeps the old one's layout, and XLA sums the gradients across devices.
