@@ -62,9 +62,9 @@ def test_bad_input_everywhere(tmp_path):
         "vanishing bad flag": ("experiments.vanishing", ["--no-such-flag"]),
         "vanishing missing data": ("experiments.vanishing", ["--data", missing,
                                                              "--out", str(tmp_path / "v")]),
-        "bench unknown command": ("benchmarks", ["gpt"]),
-        "bench bad cell": ("benchmarks", ["charlm", "--cell", "tcn"]),
-        "bench word2vec missing corpus": ("benchmarks", ["word2vec", "--corpus", missing]),
+        "bench unknown command": ("benchmarks.__main__", ["gpt"]),
+        "bench bad cell": ("benchmarks.__main__", ["charlm", "--cell", "tcn"]),
+        "bench word2vec missing corpus": ("benchmarks.__main__", ["word2vec", "--corpus", missing]),
     }
     for name, (code, out, err) in run_cases(cases).items():
         assert code == 2, f"{name}: exit {code!r}, stderr {err!r}"
@@ -81,8 +81,8 @@ def test_help_on_every_entry_point():
         "word2vec": ("experiments.word2vec", ["--help"]),
         "compare": ("experiments.compare", ["--help"]),
         "vanishing": ("experiments.vanishing", ["--help"]),
-        "bench": ("benchmarks", ["--help"]),
-        "bench charlm": ("benchmarks", ["charlm", "--help"]),
+        "bench": ("benchmarks.__main__", ["--help"]),
+        "bench charlm": ("benchmarks.__main__", ["charlm", "--help"]),
     }
     for name, (code, out, err) in run_cases(cases).items():
         assert code in (0, None), f"{name}: {code} {err}"
