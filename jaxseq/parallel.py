@@ -83,7 +83,7 @@ def data_mesh(num_devices: Optional[int] = None) -> Mesh:
     devices = jax.devices()
     n = len(devices) if not num_devices else num_devices
     if n < 1 or n > len(devices):
-        raise UsageError(f"num_devices={n}, but {len(devices)} device(s) are available "
+        raise UsageError(f"num_devices={n}, but only {len(devices)} device(s) available "
                          f"({devices[0].platform})")
     if jax.process_count() > 1 and n != len(devices):
         raise UsageError("with several processes, num_devices must cover every process's devices")
