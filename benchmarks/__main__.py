@@ -38,8 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"python -m benchmarks: error: unknown command {command!r}; choose from "
-              f"{', '.join(COMMANDS)} (see --help)", file=sys.stderr)
+        print(
+            f"python -m benchmarks: error: unknown command {command!r}; choose from "
+            f"{', '.join(COMMANDS)} (see --help)",
+            file=sys.stderr,
+        )
         return 2
     if command in ("charlm", "sample", "compile"):
         return _load("charlm").main([command, *rest])
@@ -52,4 +55,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from experiments import _cli
+
     sys.exit(_cli.run_main(main))

@@ -38,8 +38,15 @@ from jaxseq.config import field
 
 VOCAB = 65  # Tiny Shakespeare's character set
 CELLS = ("rnn", "lstm", "gru")
-TRAIN_IMPLS = ("jaxseq", "jaxseq-cores", "jaxseq-notable", "jaxseq-bf16", "jaxseq-scan",
-               "flax", "torch")
+TRAIN_IMPLS = (
+    "jaxseq",
+    "jaxseq-cores",
+    "jaxseq-notable",
+    "jaxseq-bf16",
+    "jaxseq-scan",
+    "flax",
+    "torch",
+)
 SAMPLE_IMPLS = ("jaxseq", "jax-loop", "torch", "torch-native")
 # In one process (the compile benchmark): every JAX implementation that runs on one device.
 _JAX_IMPLS = tuple(i for i in TRAIN_IMPLS if i not in ("torch", "jaxseq-cores"))
@@ -52,6 +59,7 @@ def _peak_rss_mb() -> float:
 
 def _torch_available() -> bool:
     import importlib.util
+
     return importlib.util.find_spec("torch") is not None
 
 
@@ -63,10 +71,13 @@ def _torch_available() -> bool:
 
 def _tokens(spec: dict):
     import numpy as np
+
     rng = np.random.default_rng(spec["seed"])
     shape = (spec["seq"], spec["batch"])
-    return (rng.integers(0, VOCAB, shape).astype(np.int32),
-            rng.integers(0, VOCAB, shape).astype(np.int32))
+    return (
+        rng.integers(0, VOCAB, shape).astype(np.int32),
+        rng.integers(0, VOCAB, shape).astype(np.int32),
+    )
 
 
 def _plain_model(model):
@@ -80,8 +91,7 @@ def _plain_model(model):
 
     def apply(params, carry, tokens, *, dropout_key=None, impl="auto", mesh=None):
         rnn = jax.tree.map(lambda p: p.astype(dtype), params.rnn)
-        carry, hs = net.apply(rnn, carry, params.embed.astype(dtype)[tokens], impl=impl,
-                              mesh=mesh)
+        carry, hs = net.apply(rnn, carry, params.embed.astype(dtype)[tokens], impl=impl, mesh=mesh)
         logits = hs @ params.w_out.astype(dtype) + params.b_out.astype(dtype)
         return carry, logits.astype(jnp.float32)
 
@@ -95,9 +105,19 @@ def _build_jaxseq(spec: dict, fused: bool = True, table: bool = True):
     from jaxseq import charrnn, parallel
 
     config = charrnn.CharRNNConfig(
-        cell=spec["cell"], layers=spec["layers"], hidden=spec["hidden"], embed=spec["hidden"],
-        batch=spec["batch"], seq=spec["seq"], lr=2e-3, schedule="constant", warmup=0,
-        clip=5.0, dtype=spec["dtype"], seed=spec["seed"])
+        cell=spec["cell"],
+        layers=spec["layers"],
+        hidden=spec["hidden"],
+        embed=spec["hidden"],
+        batch=spec["batch"],
+        seq=spec["seq"],
+        lr=2e-3,
+        schedule="constant",
+        warmup=0,
+        clip=5.0,
+        dtype=spec["dtype"],
+        seed=spec["seed"],
+    )
     model = charrnn.build_model(config, VOCAB)
     if not table:
         model = _plain_model(model)
@@ -111,8 +131,9 @@ def _build_jaxseq(spec: dict, fused: bool = True, table: bool = True):
         inputs, targets = put(np.asarray(inputs)), put(np.asarray(targets))
     else:
         inputs, targets = jax.device_put(inputs), jax.device_put(targets)
-    step = charrnn.make_train_step(model, optimizer, config, impl="auto" if fused else "scan",
-                                   mesh=mesh)
+    step = charrnn.make_train_step(
+        model, optimizer, config, impl="auto" if fused else "scan", mesh=mesh
+    )
     start = time.perf_counter()
     compiled = step.lower(state, inputs, targets, False).compile()
     compile_s = time.perf_counter() - start
@@ -173,6 +194,7 @@ def _build_flax(spec: dict):
 
 def _jax_device() -> str:
     import jax
+
     devices = jax.devices()
     d = devices[0]
     name = d.platform if d.platform == "cpu" else f"{d.platform}:{d.device_kind}"
@@ -181,6 +203,7 @@ def _jax_device() -> str:
 
 def _torch_device(choice: str) -> str:
     import torch
+
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice
@@ -233,8 +256,11 @@ def _build_torch(spec: dict):
 
 def train_device(spec: dict) -> str:
     """Where ``spec['impl']`` runs: ``cpu``, or ``gpu:<kind>`` / ``cuda``."""
-    return _torch_device(spec.get("torch_device", "auto")) if spec["impl"] == "torch" \
+    return (
+        _torch_device(spec.get("torch_device", "auto"))
+        if spec["impl"] == "torch"
         else _jax_device()
+    )
 
 
 def build_train_step(spec: dict) -> tuple[Callable[[], None], float | None]:
@@ -270,6 +296,7 @@ def worker_main(spec_json: str) -> int:
     ``quit`` answers ``{"peak_rss_mb": ...}`` and exits.
     """
     from experiments import _malloc
+
     # The parent passes JAXSEQ_MALLOC (--malloc): keep freed memory and dispatch inline, as
     # the command lines do, unless it says ``default``. Before JAX creates its CPU client.
     _malloc.retain_freed_memory()
@@ -280,6 +307,7 @@ def worker_main(spec_json: str) -> int:
         # One JAX CPU device per core this process may use, before JAX starts its backend,
         # as `python -m experiments.charrnn --cpu-devices N` does.
         from experiments._cli import split_cpu
+
         split_cpu(math.gcd(len(os.sched_getaffinity(0)), spec["batch"]))
     import_rss = _peak_rss_mb()
     run_step, compile_s = build_train_step(spec)
@@ -288,8 +316,15 @@ def worker_main(spec_json: str) -> int:
     first_step_s = time.perf_counter() - start
     for _ in range(max(0, spec["warmup"] - 1)):
         run_step()
-    _say({"ready": True, "compile_s": compile_s, "first_step_s": first_step_s,
-          "rss_before_build_mb": import_rss, "device": train_device(spec)})
+    _say(
+        {
+            "ready": True,
+            "compile_s": compile_s,
+            "first_step_s": first_step_s,
+            "rss_before_build_mb": import_rss,
+            "device": train_device(spec),
+        }
+    )
     for line in sys.stdin:
         command = line.split()
         if not command:
@@ -310,14 +345,20 @@ def worker_main(spec_json: str) -> int:
 class _Worker:
     """The parent's handle on one worker process."""
 
-    def __init__(self, spec: dict, env: dict, module: str = "benchmarks.charlm",
-                 cwd: str | None = None):
+    def __init__(
+        self, spec: dict, env: dict, module: str = "benchmarks.charlm", cwd: str | None = None
+    ):
         self.spec = spec
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--worker", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-            env=env, cwd=cwd)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=env,
+            cwd=cwd,
+        )
         self.ready = self._read()
 
     def _read(self) -> dict:
@@ -327,10 +368,12 @@ class _Worker:
                 self.proc.wait()
                 self._stderr.seek(0)
                 tail = self._stderr.read().strip().splitlines()[-5:]
-                raise RuntimeError(f"{self.spec['impl']} worker exited with code "
-                                   f"{self.proc.returncode}: " + " | ".join(tail))
+                raise RuntimeError(
+                    f"{self.spec['impl']} worker exited with code "
+                    f"{self.proc.returncode}: " + " | ".join(tail)
+                )
             if line.startswith(_MARK):
-                return json.loads(line[len(_MARK):])
+                return json.loads(line[len(_MARK) :])
 
     def steps(self, n: int) -> list[float]:
         self.proc.stdin.write(f"steps {n}\n")
@@ -364,8 +407,7 @@ class _InProcess:
         for _ in range(max(0, spec["warmup"] - 1)):
             run_step()
         self._run = run_step
-        self.ready = {"compile_s": compile_s, "first_step_s": first,
-                      "device": train_device(spec)}
+        self.ready = {"compile_s": compile_s, "first_step_s": first, "device": train_device(spec)}
 
     def steps(self, n: int) -> list[float]:
         times = []
@@ -385,15 +427,16 @@ class _InProcess:
 # ================================================================= configs and CLI
 
 
-def _check_choices(impls: Sequence[str], allowed: Sequence[str],
-                   cores: Sequence[int] = ()) -> None:
+def _check_choices(impls: Sequence[str], allowed: Sequence[str], cores: Sequence[int] = ()) -> None:
     """``UsageError`` for an empty or unknown ``--impl`` or a ``--cores`` core this process
     may not use."""
     from jaxseq.errors import UsageError
+
     bad = [i for i in impls if i not in allowed]
     if bad or not impls:
-        raise UsageError(f"unknown --impl {', '.join(bad) or '(none)'}; choose from "
-                         f"{', '.join(allowed)}")
+        raise UsageError(
+            f"unknown --impl {', '.join(bad) or '(none)'}; choose from {', '.join(allowed)}"
+        )
     usable = os.sched_getaffinity(0)
     if any(c not in usable for c in cores):
         raise UsageError(f"--cores {list(cores)}: this process may use cores {sorted(usable)}")
@@ -403,8 +446,9 @@ def _check_choices(impls: Sequence[str], allowed: Sequence[str],
 class TrainBenchConfig:
     """Settings of ``python -m benchmarks charlm``."""
 
-    cell: str = field("all", "recurrent cell (all: rnn, lstm and gru)",
-                      choices=("rnn", "lstm", "gru", "all"))
+    cell: str = field(
+        "all", "recurrent cell (all: rnn, lstm and gru)", choices=("rnn", "lstm", "gru", "all")
+    )
     hidden: tuple[int, ...] = field((256, 512), "hidden sizes H (embedding width = H)")
     impl: tuple[str, ...] = field(
         ("jaxseq", "jaxseq-cores", "flax", "torch"),
@@ -413,45 +457,75 @@ class TrainBenchConfig:
         f"'experiments.charrnn --cpu-devices N' runs; jaxseq-notable: jaxseq without the "
         f"product-table lookup for the embedding and the first layer's input projection; "
         f"jaxseq-scan: jaxseq with the fused layers off, plain lax.scan autodiff); torch is "
-        f"skipped with a note when PyTorch is not installed")
+        f"skipped with a note when PyTorch is not installed",
+    )
     layers: int = field(2, "recurrent layers")
     batch: int = field(64, "sequences per batch")
     seq: int = field(128, "characters per sequence")
     steps: int = field(7, "timed steps per implementation (the median is reported)")
     warmup: int = field(2, "untimed steps after compiling")
-    gap: float = field(0.3, "seconds of idle time before each timed step, so that the thread "
-                       "pools of the implementation that ran before (OpenMP, Eigen) stop "
-                       "spinning before the next one is timed")
-    dtype: str = field("float32", "compute dtype of the JAX implementations (bfloat16: mixed "
-                       "precision with float32 parameters; PyTorch stays float32)",
-                       choices=("float32", "bfloat16"))
-    xla_flags: str = field("", "extra XLA_FLAGS for the JAX workers (appended to the "
-                           "environment's)")
-    jaxseq_xla_flags: str = field("", "if set, also run 'jaxseq+flags': jaxseq with these "
-                                  "extra XLA_FLAGS, interleaved with the rest")
-    baseline: str = field("", "a checkout of an earlier jaxseq (e.g. a git worktree): also "
-                          "run 'jaxseq-baseline', that checkout's jaxseq, interleaved with "
-                          "the rest (before/after figures of a change)", metavar="DIR")
-    torch_device: str = field("auto", "device of the PyTorch implementation (auto: cuda when "
-                              "available)", choices=("auto", "cpu", "cuda"))
-    cores: tuple[int, ...] = field((), "pin every worker to these CPU cores (e.g. --cores 1: "
-                                   "single-threaded, which on a loaded machine compares the "
-                                   "implementations' work rather than their thread "
-                                   "synchronisation); default: no pinning", metavar="CORE")
-    in_process: bool = field(False, "run every implementation in this process instead of one "
-                             "worker each (faster to start; peak RSS is then this process's)")
-    malloc: str = field("retain-jax", "allocator in the workers: retain-jax (the JAX "
-                        "workers, jaxseq and flax alike, keep freed memory for reuse and "
-                        "dispatch inline as jaxseq's command lines do, see experiments/_malloc.py; "
-                        "PyTorch keeps the default), retain-all, or default everywhere",
-                        choices=("retain-jax", "retain-all", "default"))
+    gap: float = field(
+        0.3,
+        "seconds of idle time before each timed step, so that the thread "
+        "pools of the implementation that ran before (OpenMP, Eigen) stop "
+        "spinning before the next one is timed",
+    )
+    dtype: str = field(
+        "float32",
+        "compute dtype of the JAX implementations (bfloat16: mixed "
+        "precision with float32 parameters; PyTorch stays float32)",
+        choices=("float32", "bfloat16"),
+    )
+    xla_flags: str = field(
+        "", "extra XLA_FLAGS for the JAX workers (appended to the environment's)"
+    )
+    jaxseq_xla_flags: str = field(
+        "",
+        "if set, also run 'jaxseq+flags': jaxseq with these "
+        "extra XLA_FLAGS, interleaved with the rest",
+    )
+    baseline: str = field(
+        "",
+        "a checkout of an earlier jaxseq (e.g. a git worktree): also "
+        "run 'jaxseq-baseline', that checkout's jaxseq, interleaved with "
+        "the rest (before/after figures of a change)",
+        metavar="DIR",
+    )
+    torch_device: str = field(
+        "auto",
+        "device of the PyTorch implementation (auto: cuda when available)",
+        choices=("auto", "cpu", "cuda"),
+    )
+    cores: tuple[int, ...] = field(
+        (),
+        "pin every worker to these CPU cores (e.g. --cores 1: "
+        "single-threaded, which on a loaded machine compares the "
+        "implementations' work rather than their thread "
+        "synchronisation); default: no pinning",
+        metavar="CORE",
+    )
+    in_process: bool = field(
+        False,
+        "run every implementation in this process instead of one "
+        "worker each (faster to start; peak RSS is then this process's)",
+    )
+    malloc: str = field(
+        "retain-jax",
+        "allocator in the workers: retain-jax (the JAX "
+        "workers, jaxseq and flax alike, keep freed memory for reuse and "
+        "dispatch inline as jaxseq's command lines do, see experiments/_malloc.py; "
+        "PyTorch keeps the default), retain-all, or default everywhere",
+        choices=("retain-jax", "retain-all", "default"),
+    )
     seed: int = field(0, "seed of the weights and the random tokens")
-    json: bool = field(False, "print one JSON line per measurement on stdout (the table "
-                       "then goes to stderr)")
+    json: bool = field(
+        False, "print one JSON line per measurement on stdout (the table then goes to stderr)"
+    )
     progress: bool = field(True, "progress bar on stderr")
 
     def validate(self) -> None:
         from jaxseq.errors import UsageError
+
         for name in ("layers", "batch", "seq", "steps"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -466,28 +540,39 @@ class TrainBenchConfig:
 class SampleBenchConfig:
     """Settings of ``python -m benchmarks sample``."""
 
-    cell: str = field("lstm", "recurrent cell (all: rnn, lstm and gru)",
-                      choices=("rnn", "lstm", "gru", "all"))
+    cell: str = field(
+        "lstm", "recurrent cell (all: rnn, lstm and gru)", choices=("rnn", "lstm", "gru", "all")
+    )
     hidden: tuple[int, ...] = field((512,), "hidden sizes H (embedding width = H)")
     batch: tuple[int, ...] = field((1, 64), "numbers of samples drawn at once")
     impl: tuple[str, ...] = field(
-        SAMPLE_IMPLS, f"implementations, from {', '.join(SAMPLE_IMPLS)} (jax-loop: a Python loop "
+        SAMPLE_IMPLS,
+        f"implementations, from {', '.join(SAMPLE_IMPLS)} (jax-loop: a Python loop "
         f"over a jitted single step; torch-native: the PyTorch loop with its oneDNN (mkldnn) "
-        f"kernels switched off, which for one step at a time is the faster PyTorch path)")
+        f"kernels switched off, which for one step at a time is the faster PyTorch path)",
+    )
     layers: int = field(2, "recurrent layers")
     length: int = field(2000, "characters generated per sample")
     repeats: int = field(5, "timed repetitions per implementation (median reported)")
     seed: int = field(0, "seed")
-    torch_device: str = field("auto", "device of the PyTorch loop (auto: cuda when available)",
-                              choices=("auto", "cpu", "cuda"))
-    cores: tuple[int, ...] = field((), "pin this process to these CPU cores before anything "
-                                   "runs (e.g. --cores 1: single-threaded JAX and PyTorch)",
-                                   metavar="CORE")
-    json: bool = field(False, "print one JSON line per measurement on stdout (the table "
-                       "then goes to stderr)")
+    torch_device: str = field(
+        "auto",
+        "device of the PyTorch loop (auto: cuda when available)",
+        choices=("auto", "cpu", "cuda"),
+    )
+    cores: tuple[int, ...] = field(
+        (),
+        "pin this process to these CPU cores before anything "
+        "runs (e.g. --cores 1: single-threaded JAX and PyTorch)",
+        metavar="CORE",
+    )
+    json: bool = field(
+        False, "print one JSON line per measurement on stdout (the table then goes to stderr)"
+    )
 
     def validate(self) -> None:
         from jaxseq.errors import UsageError
+
         for name in ("layers", "length", "repeats"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -502,18 +587,21 @@ class SampleBenchConfig:
 class CompileBenchConfig:
     """Settings of ``python -m benchmarks compile``."""
 
-    cell: str = field("all", "recurrent cell (all: rnn, lstm and gru)",
-                      choices=("rnn", "lstm", "gru", "all"))
+    cell: str = field(
+        "all", "recurrent cell (all: rnn, lstm and gru)", choices=("rnn", "lstm", "gru", "all")
+    )
     hidden: int = field(512, "hidden size H")
     seq: tuple[int, ...] = field((32, 128, 512), "sequence lengths to compile for")
-    impl: tuple[str, ...] = field(("jaxseq", "jaxseq-notable", "flax"),
-                                  f"JAX implementations, from {', '.join(_JAX_IMPLS)}")
+    impl: tuple[str, ...] = field(
+        ("jaxseq", "jaxseq-notable", "flax"), f"JAX implementations, from {', '.join(_JAX_IMPLS)}"
+    )
     layers: int = field(2, "recurrent layers")
     batch: int = field(64, "sequences per batch")
     json: bool = field(False, "print one JSON line per measurement on stdout")
 
     def validate(self) -> None:
         from jaxseq.errors import UsageError
+
         if self.hidden <= 0 or self.layers <= 0 or self.batch <= 0:
             raise UsageError("--hidden, --layers and --batch must be positive")
         if not self.seq or any(s <= 0 for s in self.seq):
@@ -523,6 +611,7 @@ class CompileBenchConfig:
 
 def _parse(cls, prog: str, description: str, argv):
     from experiments import _cli
+
     p = _cli.parser(prog, description)
     _cli.add_dataclass_flags(p, cls)
     config = _cli.config_from_args(cls, p.parse_args(argv))
@@ -578,32 +667,47 @@ def _impl_env(extra_flags: str) -> dict:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    config = _parse(TrainBenchConfig, "python -m benchmarks charlm",
-                    "Training throughput of a char LM: jaxseq vs flax.linen vs PyTorch.", argv)
+    config = _parse(
+        TrainBenchConfig,
+        "python -m benchmarks charlm",
+        "Training throughput of a char LM: jaxseq vs flax.linen vs PyTorch.",
+        argv,
+    )
     from tqdm.auto import tqdm
 
     from jaxseq.errors import UsageError
 
     impls = list(dict.fromkeys(config.impl))
     if "torch" in impls and not _torch_available():
-        print("note: PyTorch is not installed; skipping the torch implementation",
-              file=sys.stderr)
+        print("note: PyTorch is not installed; skipping the torch implementation", file=sys.stderr)
         impls.remove("torch")
     if config.jaxseq_xla_flags:
         impls.append("jaxseq+flags")
     if config.baseline:
         _baseline_module(config.baseline)  # a usage error unless it is a jaxseq checkout
         impls.append("jaxseq-baseline")
-    if config.in_process and (config.xla_flags or config.jaxseq_xla_flags or config.cores
-                              or config.malloc != "retain-jax" or "jaxseq-cores" in impls
-                              or config.baseline):
-        raise UsageError("--xla-flags, --jaxseq-xla-flags, --cores, --malloc, --baseline and "
-                         "jaxseq-cores need worker processes (drop --in-process)")
+    if config.in_process and (
+        config.xla_flags
+        or config.jaxseq_xla_flags
+        or config.cores
+        or config.malloc != "retain-jax"
+        or "jaxseq-cores" in impls
+        or config.baseline
+    ):
+        raise UsageError(
+            "--xla-flags, --jaxseq-xla-flags, --cores, --malloc, --baseline and "
+            "jaxseq-cores need worker processes (drop --in-process)"
+        )
     groups = [(c, h) for h in config.hidden for c in _cells(config.cell)]
     out = sys.stderr if config.json else sys.stdout
     machine = _machine()
-    bar = tqdm(total=len(groups) * (len(impls) * (1 + config.steps)), unit="step",
-               disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(groups) * (len(impls) * (1 + config.steps)),
+        unit="step",
+        disable=not config.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     results = []
     try:
         for cell, hidden in groups:
@@ -613,9 +717,18 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     rows = []
     for r in results:
-        rows.append([r["cell"], r["hidden"], r["impl"], f"{r['chars_per_s']:,.0f}",
-                     _fmt(r["vs_torch"]), _fmt(r["vs_flax"]), _fmt(r["compile_s"]),
-                     f"{r['peak_rss_mb']:,.0f}"])
+        rows.append(
+            [
+                r["cell"],
+                r["hidden"],
+                r["impl"],
+                f"{r['chars_per_s']:,.0f}",
+                _fmt(r["vs_torch"]),
+                _fmt(r["vs_flax"]),
+                _fmt(r["compile_s"]),
+                f"{r['peak_rss_mb']:,.0f}",
+            ]
+        )
         if config.json:
             print(json.dumps(r), flush=True)
     _emit_table(
@@ -625,19 +738,26 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         + (f", workers pinned to cores {list(config.cores)}" if config.cores else "")
         + f", load {machine.get('load_1min', '?')} before the last group)",
         ["cell", "H", "impl", "chars/s", "vs torch", "vs flax", "compile s", "peak RSS MB"],
-        rows, out)
+        rows,
+        out,
+    )
     return 0
 
 
 def _baseline_module(root: str) -> str:
     """The benchmark worker module of the checkout at ``root`` (its layout changed once)."""
     from jaxseq.errors import UsageError
-    for module, path in (("benchmarks.charlm", "benchmarks/charlm.py"),
-                         ("experiments.bench_charlm", "experiments/bench_charlm.py")):
+
+    for module, path in (
+        ("benchmarks.charlm", "benchmarks/charlm.py"),
+        ("experiments.bench_charlm", "experiments/bench_charlm.py"),
+    ):
         if (pathlib.Path(root) / path).is_file():
             return module
-    raise UsageError(f"--baseline {root}: no jaxseq benchmark (benchmarks/charlm.py or "
-                     f"experiments/bench_charlm.py) there")
+    raise UsageError(
+        f"--baseline {root}: no jaxseq benchmark (benchmarks/charlm.py or "
+        f"experiments/bench_charlm.py) there"
+    )
 
 
 def _start_worker(config: TrainBenchConfig, impl: str, spec: dict, env: dict):
@@ -654,24 +774,38 @@ def _start_worker(config: TrainBenchConfig, impl: str, spec: dict, env: dict):
 def _malloc_mode(config: TrainBenchConfig, impl: str) -> str:
     """``retain`` or ``default``: the ``JAXSEQ_MALLOC`` of ``impl``'s worker."""
     jax_impl = impl != "torch"
-    return "retain" if config.malloc == "retain-all" or (
-        config.malloc == "retain-jax" and jax_impl) else "default"
+    return (
+        "retain"
+        if config.malloc == "retain-all" or (config.malloc == "retain-jax" and jax_impl)
+        else "default"
+    )
 
 
 def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str], bar):
-    base = dict(cell=cell, hidden=hidden, layers=config.layers, batch=config.batch,
-                seq=config.seq, dtype=config.dtype, seed=config.seed, warmup=config.warmup,
-                torch_device=config.torch_device, cores=list(config.cores))
+    base = dict(
+        cell=cell,
+        hidden=hidden,
+        layers=config.layers,
+        batch=config.batch,
+        seq=config.seq,
+        dtype=config.dtype,
+        seed=config.seed,
+        warmup=config.warmup,
+        torch_device=config.torch_device,
+        cores=list(config.cores),
+    )
     workers: dict[str, Any] = {}
     ready: dict[str, dict] = {}
     try:
         for impl in impls:
-            spec = dict(base, impl="jaxseq" if impl in ("jaxseq+flags", "jaxseq-baseline")
-                        else impl)
+            spec = dict(
+                base, impl="jaxseq" if impl in ("jaxseq+flags", "jaxseq-baseline") else impl
+            )
             if impl == "torch":
                 spec["dtype"] = "float32"
-            flags = config.xla_flags + (" " + config.jaxseq_xla_flags
-                                        if impl == "jaxseq+flags" else "")
+            flags = config.xla_flags + (
+                " " + config.jaxseq_xla_flags if impl == "jaxseq+flags" else ""
+            )
             bar.set_description(f"{cell} H={hidden}: starting {impl}")
             env = _impl_env(flags.strip())
             env["JAXSEQ_MALLOC"] = _malloc_mode(config, impl)
@@ -680,7 +814,7 @@ def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str
             bar.update(1)
         times: dict[str, list[float]] = {impl: [] for impl in impls}
         for round_ in range(config.steps):
-            order = impls[round_ % len(impls):] + impls[:round_ % len(impls)]
+            order = impls[round_ % len(impls) :] + impls[: round_ % len(impls)]
             bar.set_description(f"{cell} H={hidden}: timing")
             for impl in order:
                 time.sleep(config.gap)
@@ -696,28 +830,43 @@ def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str
     speed = {impl: chars / statistics.median(t) for impl, t in times.items()}
     records = []
     for impl in impls:
-        records.append({
-            "bench": "charlm", "impl": impl, "cell": cell, "hidden": hidden,
-            "layers": config.layers, "batch": config.batch, "seq": config.seq,
-            "dtype": ("float32" if impl == "torch" else "bfloat16" if impl == "jaxseq-bf16"
-                      else config.dtype),
-            "chars_per_s": speed[impl],
-            "step_s_median": statistics.median(times[impl]),
-            "step_s": times[impl],
-            "vs_torch": speed[impl] / speed["torch"] if "torch" in speed else None,
-            "vs_flax": speed[impl] / speed["flax"] if "flax" in speed else None,
-            "compile_s": ready[impl].get("compile_s"),
-            "first_step_s": ready[impl].get("first_step_s"),
-            "peak_rss_mb": rss[impl],
-            "rss_mode": "process" if config.in_process else "worker",
-            "cores": list(config.cores) or None,
-            "device": ready[impl].get("device"),
-            "xla_flags": (config.xla_flags + (" " + config.jaxseq_xla_flags
-                                              if impl == "jaxseq+flags" else "")).strip()
-            if impl != "torch" else None,
-            "malloc": "process" if config.in_process else _malloc_mode(config, impl),
-            "load_1min": load,
-        })
+        records.append(
+            {
+                "bench": "charlm",
+                "impl": impl,
+                "cell": cell,
+                "hidden": hidden,
+                "layers": config.layers,
+                "batch": config.batch,
+                "seq": config.seq,
+                "dtype": (
+                    "float32"
+                    if impl == "torch"
+                    else "bfloat16"
+                    if impl == "jaxseq-bf16"
+                    else config.dtype
+                ),
+                "chars_per_s": speed[impl],
+                "step_s_median": statistics.median(times[impl]),
+                "step_s": times[impl],
+                "vs_torch": speed[impl] / speed["torch"] if "torch" in speed else None,
+                "vs_flax": speed[impl] / speed["flax"] if "flax" in speed else None,
+                "compile_s": ready[impl].get("compile_s"),
+                "first_step_s": ready[impl].get("first_step_s"),
+                "peak_rss_mb": rss[impl],
+                "rss_mode": "process" if config.in_process else "worker",
+                "cores": list(config.cores) or None,
+                "device": ready[impl].get("device"),
+                "xla_flags": (
+                    config.xla_flags
+                    + (" " + config.jaxseq_xla_flags if impl == "jaxseq+flags" else "")
+                ).strip()
+                if impl != "torch"
+                else None,
+                "malloc": "process" if config.in_process else _malloc_mode(config, impl),
+                "load_1min": load,
+            }
+        )
     return records
 
 
@@ -762,8 +911,15 @@ def _sample_fns(config: SampleBenchConfig, cell: str, hidden: int, batch: int, i
     if {"torch", "torch-native"} & set(impls):
         import torch
 
-        net = _torch_model(dict(cell=cell, hidden=hidden, layers=config.layers,
-                                seed=config.seed, torch_device=config.torch_device)).eval()
+        net = _torch_model(
+            dict(
+                cell=cell,
+                hidden=hidden,
+                layers=config.layers,
+                seed=config.seed,
+                torch_device=config.torch_device,
+            )
+        ).eval()
         device = next(net.parameters()).device
         gen = torch.Generator(device=device).manual_seed(config.seed)
 
@@ -791,23 +947,31 @@ def _sample_fns(config: SampleBenchConfig, cell: str, hidden: int, batch: int, i
 
 
 def sample_main(argv: Sequence[str] | None = None) -> int:
-    config = _parse(SampleBenchConfig, "python -m benchmarks sample",
-                    "Sampling throughput of a char LM: jaxseq's compiled scan vs a loop of "
-                    "jitted steps vs a PyTorch no_grad loop.", argv)
+    config = _parse(
+        SampleBenchConfig,
+        "python -m benchmarks sample",
+        "Sampling throughput of a char LM: jaxseq's compiled scan vs a loop of "
+        "jitted steps vs a PyTorch no_grad loop.",
+        argv,
+    )
     if config.cores:  # before JAX's CPU client and PyTorch size their thread pools
         os.sched_setaffinity(0, config.cores)
     from tqdm.auto import tqdm
+
     impls = list(dict.fromkeys(config.impl))
     if not _torch_available() and {"torch", "torch-native"} & set(impls):
-        print("note: PyTorch is not installed; skipping the torch implementations",
-              file=sys.stderr)
+        print("note: PyTorch is not installed; skipping the torch implementations", file=sys.stderr)
         impls = [i for i in impls if not i.startswith("torch")]
     out = sys.stderr if config.json else sys.stdout
     machine = _machine()
     groups = [(c, h, b) for h in config.hidden for c in _cells(config.cell) for b in config.batch]
     rows, records = [], []
-    bar = tqdm(total=len(groups) * len(impls) * (1 + config.repeats), unit="run",
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(groups) * len(impls) * (1 + config.repeats),
+        unit="run",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     try:
         for cell, hidden, batch in groups:
             fns = _sample_fns(config, cell, hidden, batch, impls)
@@ -821,28 +985,50 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
             times = {impl: [] for impl in fns}
             bar.set_description(f"{cell} H={hidden} batch {batch}: timing")
             for r in range(config.repeats):
-                order = impls[r % len(impls):] + impls[:r % len(impls)]
+                order = impls[r % len(impls) :] + impls[: r % len(impls)]
                 for impl in order:
                     start = time.perf_counter()
                     fns[impl]()
                     times[impl].append(time.perf_counter() - start)
                     bar.update(1)
-            speed = {impl: batch * config.length / statistics.median(t)
-                     for impl, t in times.items()}
+            speed = {
+                impl: batch * config.length / statistics.median(t) for impl, t in times.items()
+            }
             for impl in impls:
                 med = statistics.median(times[impl])
-                rec = {"bench": "sample", "impl": impl, "cell": cell, "hidden": hidden,
-                       "layers": config.layers, "batch": batch, "length": config.length,
-                       "chars_per_s": speed[impl], "run_s_median": med, "run_s": times[impl],
-                       "first_run_s": first[impl],
-                       "vs_torch": speed[impl] / speed["torch"] if "torch" in speed else None,
-                       "device": (_torch_device(config.torch_device)
-                                  if impl.startswith("torch") else _jax_device()),
-                       "load_1min": _machine().get("load_1min")}
+                rec = {
+                    "bench": "sample",
+                    "impl": impl,
+                    "cell": cell,
+                    "hidden": hidden,
+                    "layers": config.layers,
+                    "batch": batch,
+                    "length": config.length,
+                    "chars_per_s": speed[impl],
+                    "run_s_median": med,
+                    "run_s": times[impl],
+                    "first_run_s": first[impl],
+                    "vs_torch": speed[impl] / speed["torch"] if "torch" in speed else None,
+                    "device": (
+                        _torch_device(config.torch_device)
+                        if impl.startswith("torch")
+                        else _jax_device()
+                    ),
+                    "load_1min": _machine().get("load_1min"),
+                }
                 records.append(rec)
-                rows.append([cell, hidden, batch, impl, f"{speed[impl]:,.0f}",
-                             f"{med * 1e3:,.1f}", _fmt(rec["vs_torch"]),
-                             f"{first[impl]:.2f}"])
+                rows.append(
+                    [
+                        cell,
+                        hidden,
+                        batch,
+                        impl,
+                        f"{speed[impl]:,.0f}",
+                        f"{med * 1e3:,.1f}",
+                        _fmt(rec["vs_torch"]),
+                        f"{first[impl]:.2f}",
+                    ]
+                )
     finally:
         bar.close()
     if config.json:
@@ -854,7 +1040,9 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
         + (f", pinned to cores {list(config.cores)}" if config.cores else "")
         + f", load {machine.get('load_1min', '?')} at the start)",
         ["cell", "H", "batch", "impl", "chars/s", "ms/run", "vs torch", "first run s"],
-        rows, out)
+        rows,
+        out,
+    )
     return 0
 
 
@@ -862,24 +1050,48 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
 
 
 def compile_main(argv: Sequence[str] | None = None) -> int:
-    config = _parse(CompileBenchConfig, "python -m benchmarks compile",
-                    "Compile time of the JAX train steps at several sequence lengths.", argv)
+    config = _parse(
+        CompileBenchConfig,
+        "python -m benchmarks compile",
+        "Compile time of the JAX train steps at several sequence lengths.",
+        argv,
+    )
     out = sys.stderr if config.json else sys.stdout
     rows = []
     for cell in _cells(config.cell):
         for seq in config.seq:
             for impl in dict.fromkeys(config.impl):
-                spec = dict(impl=impl, cell=cell, hidden=config.hidden, layers=config.layers,
-                            batch=config.batch, seq=seq, dtype="float32", seed=0, warmup=0)
+                spec = dict(
+                    impl=impl,
+                    cell=cell,
+                    hidden=config.hidden,
+                    layers=config.layers,
+                    batch=config.batch,
+                    seq=seq,
+                    dtype="float32",
+                    seed=0,
+                    warmup=0,
+                )
                 _, compile_s = build_train_step(spec)
-                rec = {"bench": "compile", "impl": impl, "cell": cell, "hidden": config.hidden,
-                       "seq": seq, "batch": config.batch, "layers": config.layers,
-                       "compile_s": compile_s}
+                rec = {
+                    "bench": "compile",
+                    "impl": impl,
+                    "cell": cell,
+                    "hidden": config.hidden,
+                    "seq": seq,
+                    "batch": config.batch,
+                    "layers": config.layers,
+                    "compile_s": compile_s,
+                }
                 if config.json:
                     print(json.dumps(rec), flush=True)
                 rows.append([cell, config.hidden, seq, impl, f"{compile_s:.2f}"])
-    _emit_table("train-step compile time (lower + compile)",
-                ["cell", "H", "seq", "impl", "compile s"], rows, out)
+    _emit_table(
+        "train-step compile time (lower + compile)",
+        ["cell", "H", "seq", "impl", "compile s"],
+        rows,
+        out,
+    )
     return 0
 
 
@@ -887,6 +1099,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmarks.charlm [charlm|sample|compile] ...`` (default: charlm)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from experiments import _cli, _malloc
+
     # In this process: the sample and compile benchmarks, and charlm --in-process.
     _malloc.retain_freed_memory()
     commands = {"charlm": train_main, "sample": sample_main, "compile": compile_main}

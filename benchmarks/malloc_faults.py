@@ -23,19 +23,20 @@ MODES = ("default", "nommap", "inline", "both", "arena1")
 
 
 def _child(mode: str, cell: str, hidden: int, steps: int) -> None:
-    os.environ["JAXSEQ_MALLOC"] = "default"       # only the settings below, whatever runs
+    os.environ["JAXSEQ_MALLOC"] = "default"  # only the settings below, whatever runs
     mallopt = ctypes.CDLL("libc.so.6").mallopt
     if mode == "arena1":
-        mallopt(-8, 1)                              # M_ARENA_MAX
+        mallopt(-8, 1)  # M_ARENA_MAX
     if mode in ("nommap", "both", "arena1"):
-        mallopt(-4, 0)                              # M_MMAP_MAX
-        mallopt(-1, 2**31 - 1)                      # M_TRIM_THRESHOLD
+        mallopt(-4, 0)  # M_MMAP_MAX
+        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
     import jax
+
     if mode in ("inline", "both"):
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     from benchmarks import charlm
-    spec = dict(cell=cell, hidden=hidden, layers=2, batch=64, seq=128, dtype="float32",
-                seed=0)
+
+    spec = dict(cell=cell, hidden=hidden, layers=2, batch=64, seq=128, dtype="float32", seed=0)
     run, compile_s = charlm._build_jaxseq(spec)
     run()
     run()
@@ -46,16 +47,27 @@ def _child(mode: str, cell: str, hidden: int, steps: int) -> None:
         run()
         times.append(time.perf_counter() - start)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
-    print(f"{mode:8s} faults/step {faults:8.0f}  step {statistics.median(times) * 1e3:6.1f} ms"
-          f"  compile {compile_s:.2f} s", flush=True)
+    print(
+        f"{mode:8s} faults/step {faults:8.0f}  step {statistics.median(times) * 1e3:6.1f} ms"
+        f"  compile {compile_s:.2f} s",
+        flush=True,
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("modes", nargs="*", metavar="MODE",
-                        help=f"settings to run, from {', '.join(MODES)} (default: all)")
-    parser.add_argument("--cell", default="gru", choices=("rnn", "lstm", "gru"),
-                        help="recurrent cell (default: gru)")
+    parser.add_argument(
+        "modes",
+        nargs="*",
+        metavar="MODE",
+        help=f"settings to run, from {', '.join(MODES)} (default: all)",
+    )
+    parser.add_argument(
+        "--cell",
+        default="gru",
+        choices=("rnn", "lstm", "gru"),
+        help="recurrent cell (default: gru)",
+    )
     parser.add_argument("--hidden", type=int, default=256, help="hidden size (default: 256)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -68,10 +80,23 @@ def main(argv=None) -> int:
         return 0
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for mode in args.modes or MODES:
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode,
-                        "--cell", args.cell, "--hidden", str(args.hidden),
-                        "--steps", str(args.steps)], cwd=root, check=True,
-                       env=dict(os.environ, PYTHONPATH=root))
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--child",
+                mode,
+                "--cell",
+                args.cell,
+                "--hidden",
+                str(args.hidden),
+                "--steps",
+                str(args.steps),
+            ],
+            cwd=root,
+            check=True,
+            env=dict(os.environ, PYTHONPATH=root),
+        )
     return 0
 
 

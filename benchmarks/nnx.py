@@ -47,11 +47,13 @@ class NNXBenchConfig:
     steps: int = field(15, "timed steps per implementation (the median is reported)")
     warmup: int = field(2, "untimed steps after compiling")
     seed: int = field(0, "seed of the weights and the random tokens")
-    json: bool = field(False, "print one JSON line per measurement on stdout (the table "
-                       "then goes to stderr)")
+    json: bool = field(
+        False, "print one JSON line per measurement on stdout (the table then goes to stderr)"
+    )
 
     def validate(self) -> None:
         from jaxseq.errors import UsageError
+
         if len(self.hidden) != len(self.batch):
             raise UsageError("--hidden and --batch need the same number of values")
         if min(self.hidden + self.batch) <= 0 or self.seq <= 0 or self.layers <= 0:
@@ -76,8 +78,7 @@ def build_steps(config: NNXBenchConfig, hidden: int, batch: int) -> dict:
     model = char_lm(VOCAB, **kwargs)
     params = model.init(jax.random.key(config.seed))
     tx = optax.chain(optax.clip_by_global_norm(5.0), optax.adam(1e-3))
-    tokens = jax.random.randint(jax.random.key(config.seed + 1), (config.seq + 1, batch), 0,
-                                VOCAB)
+    tokens = jax.random.randint(jax.random.key(config.seed + 1), (config.seq + 1, batch), 0, VOCAB)
     inputs, targets = tokens[:-1], tokens[1:]
 
     def loss_of(logits):
@@ -87,6 +88,7 @@ def build_steps(config: NNXBenchConfig, hidden: int, batch: int) -> dict:
     def functional_step(params, opt_state, inputs):
         def loss_fn(p):
             return loss_of(model.apply(p, model.initial_carry((batch,)), inputs)[1])
+
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -94,6 +96,7 @@ def build_steps(config: NNXBenchConfig, hidden: int, batch: int) -> dict:
     def nnx_step(lm, optimizer, inputs):
         def loss_fn(lm):
             return loss_of(lm(inputs)[1])
+
         loss, grads = nnx.value_and_grad(loss_fn)(lm)
         optimizer.update(lm, grads)
         return loss
@@ -106,8 +109,7 @@ def build_steps(config: NNXBenchConfig, hidden: int, batch: int) -> dict:
     state = {"params": params, "opt": tx.init(params)}
 
     def run_functional():
-        state["params"], state["opt"], loss = functional_step(state["params"], state["opt"],
-                                                              inputs)
+        state["params"], state["opt"], loss = functional_step(state["params"], state["opt"], inputs)
         return loss.block_until_ready()
 
     steps["functional"] = run_functional
@@ -139,6 +141,7 @@ def build_steps(config: NNXBenchConfig, hidden: int, batch: int) -> dict:
 
 def measure(config: NNXBenchConfig, hidden: int, batch: int) -> list[dict]:
     import os
+
     steps = build_steps(config, hidden, batch)
     names = list(steps)
     compile_s, first_loss = {}, {}
@@ -155,29 +158,44 @@ def measure(config: NNXBenchConfig, hidden: int, batch: int) -> list[dict]:
             steps[name]()
     times = {name: [] for name in names}
     for i in range(config.steps):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             t = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - t)
     base = statistics.median(times["functional"])
     chars = batch * config.seq
-    return [{"cell": config.cell, "hidden": hidden, "batch": batch, "seq": config.seq,
-             "impl": name, "step_ms": 1e3 * statistics.median(times[name]),
-             "chars_per_s": chars / statistics.median(times[name]),
-             "vs_functional": base / statistics.median(times[name]),
-             "first_step_s": compile_s[name], "first_loss": first_loss[name],
-             "load_1min": round(os.getloadavg()[0], 2)} for name in names]
+    return [
+        {
+            "cell": config.cell,
+            "hidden": hidden,
+            "batch": batch,
+            "seq": config.seq,
+            "impl": name,
+            "step_ms": 1e3 * statistics.median(times[name]),
+            "chars_per_s": chars / statistics.median(times[name]),
+            "vs_functional": base / statistics.median(times[name]),
+            "first_step_s": compile_s[name],
+            "first_loss": first_loss[name],
+            "load_1min": round(os.getloadavg()[0], 2),
+        }
+        for name in names
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from experiments import _cli
+
     return _cli.run_main(_main, argv)
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    config = charlm._parse(NNXBenchConfig, "python -m benchmarks nnx",
-                           "Training-step time of jaxseq's NNX char LM (nnx.jit, tree mode, "
-                           "split + jax.jit) against the functional step, interleaved.", argv)
+    config = charlm._parse(
+        NNXBenchConfig,
+        "python -m benchmarks nnx",
+        "Training-step time of jaxseq's NNX char LM (nnx.jit, tree mode, "
+        "split + jax.jit) against the functional step, interleaved.",
+        argv,
+    )
     out = sys.stderr if config.json else sys.stdout
     machine = charlm._machine()
     results = []
@@ -187,16 +205,38 @@ def _main(argv: Sequence[str] | None) -> int:
         if config.json:
             for rec in records:
                 print(json.dumps(rec), flush=True)
-    rows = [[r["hidden"], r["batch"], r["impl"], f"{r['step_ms']:.2f}",
-             f"{r['chars_per_s']:,.0f}", f"{r['vs_functional']:.3f}",
-             f"{r['first_step_s']:.1f}", f"{r['first_loss']:.5f}", r["load_1min"]]
-            for r in results]
+    rows = [
+        [
+            r["hidden"],
+            r["batch"],
+            r["impl"],
+            f"{r['step_ms']:.2f}",
+            f"{r['chars_per_s']:,.0f}",
+            f"{r['vs_functional']:.3f}",
+            f"{r['first_step_s']:.1f}",
+            f"{r['first_loss']:.5f}",
+            r["load_1min"],
+        ]
+        for r in results
+    ]
     charlm._emit_table(
         f"{config.cell} char LM, {config.layers} layers, E = H, T = {config.seq}, float32, "
         f"median of {config.steps} interleaved steps ({machine['cpu']}, {machine['cpus']} "
         f"CPUs, load {machine.get('load_1min', '?')} at the start)",
-        ["H", "B", "impl", "step ms", "chars/s", "vs functional", "first step s",
-         "first loss", "load"], rows, out)
+        [
+            "H",
+            "B",
+            "impl",
+            "step ms",
+            "chars/s",
+            "vs functional",
+            "first step s",
+            "first loss",
+            "load",
+        ],
+        rows,
+        out,
+    )
     return 0
 
 

@@ -49,8 +49,9 @@ def _quick(config):
     """``config`` (a ``RecurrenceBenchConfig``) with ``QUICK``'s value for every setting
     still at its default."""
     defaults = RecurrenceBenchConfig()
-    return dataclasses.replace(config, **{k: v for k, v in QUICK.items()
-                                          if getattr(config, k) == getattr(defaults, k)})
+    return dataclasses.replace(
+        config, **{k: v for k, v in QUICK.items() if getattr(config, k) == getattr(defaults, k)}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,41 +62,59 @@ class RecurrenceBenchConfig:
     tokens: int = field(8192, "characters per batch, B*T (B = tokens / T for every T)")
     hidden: int = field(256, "hidden size H of the GRU and the LSTM (embedding width = H)")
     impl: tuple[str, ...] = field(tuple(IMPLS), f"implementations, from {', '.join(IMPLS)}")
-    match: tuple[str, ...] = field(("hidden", "params"), "sizes of the min cells: hidden "
-                                   "(the GRU's H), params (the H whose char LM has about the "
-                                   "GRU's parameter count), or both")
+    match: tuple[str, ...] = field(
+        ("hidden", "params"),
+        "sizes of the min cells: hidden "
+        "(the GRU's H), params (the H whose char LM has about the "
+        "GRU's parameter count), or both",
+    )
     layers: int = field(2, "recurrent layers")
     steps: int = field(7, "timed steps per implementation (the median is reported)")
     warmup: int = field(2, "untimed steps after compiling")
     gap: float = field(0.3, "seconds of idle time before each timed step (charlm's --gap)")
     seed: int = field(0, "seed of the weights and the random tokens")
-    quick: bool = field(False, "tiny settings for a smoke test: "
-                        + ", ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
-                                    for k, v in QUICK.items()) + " (explicit flags win)")
-    in_process: bool = field(False, "run every implementation in this process instead of one "
-                             "worker each (faster to start; peak RSS is then this process's)")
-    json: bool = field(False, "print one JSON line per measurement on stdout (the table then "
-                       "goes to stderr)")
+    quick: bool = field(
+        False,
+        "tiny settings for a smoke test: "
+        + ", ".join(
+            f"--{k} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+            for k, v in QUICK.items()
+        )
+        + " (explicit flags win)",
+    )
+    in_process: bool = field(
+        False,
+        "run every implementation in this process instead of one "
+        "worker each (faster to start; peak RSS is then this process's)",
+    )
+    json: bool = field(
+        False, "print one JSON line per measurement on stdout (the table then goes to stderr)"
+    )
     progress: bool = field(True, "progress bar on stderr")
 
     def validate(self) -> None:
         from jaxseq.errors import UsageError
+
         for name in ("tokens", "hidden", "layers", "steps"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.warmup < 0 or self.gap < 0:
             raise UsageError(f"--warmup and --gap must be >= 0, got {self.warmup}, {self.gap}")
         if not self.seq or any(t <= 0 or self.tokens % t for t in self.seq):
-            raise UsageError(f"every --seq must be a positive divisor of --tokens "
-                             f"{self.tokens}, got {list(self.seq)}")
+            raise UsageError(
+                f"every --seq must be a positive divisor of --tokens "
+                f"{self.tokens}, got {list(self.seq)}"
+            )
         bad = [i for i in self.impl if i not in IMPLS]
         if bad or not self.impl:
-            raise UsageError(f"unknown --impl {', '.join(bad) or '(none)'}; choose from "
-                             f"{', '.join(IMPLS)}")
+            raise UsageError(
+                f"unknown --impl {', '.join(bad) or '(none)'}; choose from {', '.join(IMPLS)}"
+            )
         bad = [m for m in self.match if m not in ("hidden", "params")]
         if bad or not self.match:
-            raise UsageError(f"unknown --match {', '.join(bad) or '(none)'}; choose from "
-                             f"hidden, params")
+            raise UsageError(
+                f"unknown --match {', '.join(bad) or '(none)'}; choose from hidden, params"
+            )
 
 
 # ================================================================= the train step
@@ -112,9 +131,19 @@ def build_train_step(spec: dict):
     from jaxseq import charrnn
 
     config = charrnn.CharRNNConfig(
-        cell=spec["cell"], layers=spec["layers"], hidden=spec["hidden"], embed=spec["hidden"],
-        batch=spec["batch"], seq=spec["seq"], lr=2e-3, schedule="constant", warmup=0,
-        clip=5.0, dtype="float32", seed=spec["seed"])
+        cell=spec["cell"],
+        layers=spec["layers"],
+        hidden=spec["hidden"],
+        embed=spec["hidden"],
+        batch=spec["batch"],
+        seq=spec["seq"],
+        lr=2e-3,
+        schedule="constant",
+        warmup=0,
+        clip=5.0,
+        dtype="float32",
+        seed=spec["seed"],
+    )
     model = charrnn.build_model(config, charlm.VOCAB)
     optimizer = charrnn.make_optimizer(config)
     state = charrnn.init_state(config, model, optimizer)
@@ -140,8 +169,12 @@ def _ready(spec: dict) -> tuple[Any, dict]:
     first_step_s = time.perf_counter() - start
     for _ in range(max(0, spec["warmup"] - 1)):
         run_step()
-    return run_step, {"ready": True, "compile_s": compile_s, "first_step_s": first_step_s,
-                      "device": charlm._jax_device()}
+    return run_step, {
+        "ready": True,
+        "compile_s": compile_s,
+        "first_step_s": first_step_s,
+        "device": charlm._jax_device(),
+    }
 
 
 def _timed(run_step, n: int) -> list[float]:
@@ -156,6 +189,7 @@ def _timed(run_step, n: int) -> list[float]:
 def worker_main(spec_json: str) -> int:
     """A worker speaking ``benchmarks.charlm``'s protocol (``steps N``, ``quit``)."""
     from experiments import _malloc
+
     _malloc.retain_freed_memory()  # as charlm's JAX workers (JAXSEQ_MALLOC from the parent)
     run_step, ready = _ready(json.loads(spec_json))
     charlm._say(ready)
@@ -193,17 +227,23 @@ def param_count(cell: str, hidden: int, layers: int) -> int:
     """Parameters of the benchmark's char LM (embedding width = ``hidden``)."""
     from experiments import _race
     from jaxseq.charrnn import CharRNNConfig
+
     return _race.count_model_params(
-        CharRNNConfig(cell=cell, layers=layers, hidden=hidden, embed=hidden), charlm.VOCAB)
+        CharRNNConfig(cell=cell, layers=layers, hidden=hidden, embed=hidden), charlm.VOCAB
+    )
 
 
 def matched_hidden(cell: str, target: int, layers: int) -> int:
     """The H (= embedding width) whose char LM of ``cell`` has about ``target`` parameters."""
     from experiments import _race
     from jaxseq.charrnn import CharRNNConfig
+
     return _race.hidden_for_param_count(
-        CharRNNConfig(cell=cell, layers=layers, hidden=1, embed=1), charlm.VOCAB, target,
-        resize=lambda c, h: dataclasses.replace(c, hidden=h, embed=h))
+        CharRNNConfig(cell=cell, layers=layers, hidden=1, embed=1),
+        charlm.VOCAB,
+        target,
+        resize=lambda c, h: dataclasses.replace(c, hidden=h, embed=h),
+    )
 
 
 def variants(config: RecurrenceBenchConfig) -> list[dict]:
@@ -221,8 +261,17 @@ def variants(config: RecurrenceBenchConfig) -> list[dict]:
         for match in matches:
             hidden = sizes.get((cell, match), config.hidden)
             label = impl if cell not in MIN_CELLS else f"{impl} ={match}"
-            out.append(dict(label=label, impl=impl, cell=cell, unroll=unroll, match=match,
-                            hidden=hidden, params=param_count(cell, hidden, config.layers)))
+            out.append(
+                dict(
+                    label=label,
+                    impl=impl,
+                    cell=cell,
+                    unroll=unroll,
+                    match=match,
+                    hidden=hidden,
+                    params=param_count(cell, hidden, config.layers),
+                )
+            )
     return out
 
 
@@ -236,20 +285,30 @@ def _run_length(config: RecurrenceBenchConfig, seq: int, runs: list[dict], bar) 
     labels = [r["label"] for r in runs]
     try:
         for r in runs:
-            spec = dict(cell=r["cell"], unroll=r["unroll"], hidden=r["hidden"],
-                        layers=config.layers, batch=batch, seq=seq, seed=config.seed,
-                        warmup=config.warmup)
+            spec = dict(
+                cell=r["cell"],
+                unroll=r["unroll"],
+                hidden=r["hidden"],
+                layers=config.layers,
+                batch=batch,
+                seq=seq,
+                seed=config.seed,
+                warmup=config.warmup,
+            )
             bar.set_description(f"T={seq}: starting {r['label']}")
             env = charlm._impl_env("")
             env["JAXSEQ_MALLOC"] = "retain"
-            workers[r["label"]] = (_InProcess(spec, env) if config.in_process else
-                                   charlm._Worker(spec, env, module="benchmarks.recurrence"))
+            workers[r["label"]] = (
+                _InProcess(spec, env)
+                if config.in_process
+                else charlm._Worker(spec, env, module="benchmarks.recurrence")
+            )
             ready[r["label"]] = workers[r["label"]].ready
             bar.update(1)
         times: dict[str, list[float]] = {label: [] for label in labels}
         bar.set_description(f"T={seq}: timing")
         for round_ in range(config.steps):
-            for label in labels[round_ % len(labels):] + labels[:round_ % len(labels)]:
+            for label in labels[round_ % len(labels) :] + labels[: round_ % len(labels)]:
                 time.sleep(config.gap)
                 times[label].extend(workers[label].steps(1))
                 bar.update(1)
@@ -261,44 +320,69 @@ def _run_length(config: RecurrenceBenchConfig, seq: int, runs: list[dict], bar) 
 
     speed = {label: config.tokens / statistics.median(t) for label, t in times.items()}
     reference = speed.get("gru")
-    return [{
-        "bench": "recurrence", "impl": r["impl"], "label": r["label"], "cell": r["cell"],
-        "unroll": r["unroll"], "match": r["match"], "hidden": r["hidden"],
-        "params": r["params"], "layers": config.layers, "batch": batch, "seq": seq,
-        "dtype": "float32", "chars_per_s": speed[r["label"]],
-        "vs_gru": speed[r["label"]] / reference if reference else None,
-        "step_s_median": statistics.median(times[r["label"]]), "step_s": times[r["label"]],
-        "compile_s": ready[r["label"]]["compile_s"],
-        "first_step_s": ready[r["label"]]["first_step_s"],
-        "peak_rss_mb": rss[r["label"]],
-        "rss_mode": "process" if config.in_process else "worker",
-        "device": ready[r["label"]]["device"], "load_1min": load,
-    } for r in runs]
+    return [
+        {
+            "bench": "recurrence",
+            "impl": r["impl"],
+            "label": r["label"],
+            "cell": r["cell"],
+            "unroll": r["unroll"],
+            "match": r["match"],
+            "hidden": r["hidden"],
+            "params": r["params"],
+            "layers": config.layers,
+            "batch": batch,
+            "seq": seq,
+            "dtype": "float32",
+            "chars_per_s": speed[r["label"]],
+            "vs_gru": speed[r["label"]] / reference if reference else None,
+            "step_s_median": statistics.median(times[r["label"]]),
+            "step_s": times[r["label"]],
+            "compile_s": ready[r["label"]]["compile_s"],
+            "first_step_s": ready[r["label"]]["first_step_s"],
+            "peak_rss_mb": rss[r["label"]],
+            "rss_mode": "process" if config.in_process else "worker",
+            "device": ready[r["label"]]["device"],
+            "load_1min": load,
+        }
+        for r in runs
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from experiments import _cli
+
     return _cli.run_main(_main, argv)
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    config = charlm._parse(RecurrenceBenchConfig, "python -m benchmarks recurrence",
-                           "Training throughput of minGRU and minLSTM (scan and associative "
-                           "forms) against the GRU and the LSTM, at several sequence lengths "
-                           "with a fixed number of characters per batch.", argv)
+    config = charlm._parse(
+        RecurrenceBenchConfig,
+        "python -m benchmarks recurrence",
+        "Training throughput of minGRU and minLSTM (scan and associative "
+        "forms) against the GRU and the LSTM, at several sequence lengths "
+        "with a fixed number of characters per batch.",
+        argv,
+    )
     if config.quick:
         config = _quick(config)
         config.validate()
     from tqdm.auto import tqdm
 
     from experiments import _malloc
+
     _malloc.retain_freed_memory()  # for --in-process; the workers set it themselves
 
     runs = variants(config)
     out = sys.stderr if config.json else sys.stdout
     machine = charlm._machine()
-    bar = tqdm(total=len(config.seq) * len(runs) * (1 + config.steps), unit="step",
-               disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(config.seq) * len(runs) * (1 + config.steps),
+        unit="step",
+        disable=not config.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     results = []
     try:
         for seq in config.seq:
@@ -309,16 +393,30 @@ def _main(argv: Sequence[str] | None) -> int:
                     print(json.dumps(rec), flush=True)
     finally:
         bar.close()
-    rows = [[r["seq"], r["batch"], r["label"], r["hidden"], f"{r['params']:,}",
-             f"{r['chars_per_s']:,.0f}", charlm._fmt(r["vs_gru"]), charlm._fmt(r["compile_s"]),
-             f"{r['peak_rss_mb']:,.0f}", r["load_1min"]] for r in results]
+    rows = [
+        [
+            r["seq"],
+            r["batch"],
+            r["label"],
+            r["hidden"],
+            f"{r['params']:,}",
+            f"{r['chars_per_s']:,.0f}",
+            charlm._fmt(r["vs_gru"]),
+            charlm._fmt(r["compile_s"]),
+            f"{r['peak_rss_mb']:,.0f}",
+            r["load_1min"],
+        ]
+        for r in results
+    ]
     charlm._emit_table(
         f"char-LM training, {config.layers} layers, {config.tokens} characters per batch "
         f"(B = {config.tokens}/T), float32, median of {config.steps} interleaved steps "
         f"({machine['cpu']}, {machine['cpus']} CPUs, {results[0]['device']}, load "
         f"{machine.get('load_1min', '?')} at the start)",
-        ["T", "B", "impl", "H", "params", "chars/s", "vs gru", "compile s", "peak RSS MB",
-         "load"], rows, out)
+        ["T", "B", "impl", "H", "params", "chars/s", "vs gru", "compile s", "peak RSS MB", "load"],
+        rows,
+        out,
+    )
     return 0
 
 

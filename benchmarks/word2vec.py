@@ -46,8 +46,10 @@ def prepare_corpus(out: pathlib.Path) -> int:
     """Writes the default benchmark corpus, one paragraph per line; returns its word count."""
     data = word2vec.gensim_test_data()
     if data is None:
-        raise UsageError("building the benchmark corpus needs gensim's test data "
-                         "(pip install 'jaxseq[eval]'), or pass --corpus PATH")
+        raise UsageError(
+            "building the benchmark corpus needs gensim's test data "
+            "(pip install 'jaxseq[eval]'), or pass --corpus PATH"
+        )
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
     lines = []
@@ -80,18 +82,38 @@ class BenchConfig:
 
 
 def _parser():
-    p = _cli.parser("python -m benchmarks word2vec",
-                    "Word2Vec speed and quality: jaxseq vs gensim on one corpus.")
-    p.add_argument("--corpus", default=None, metavar="PATH",
-                   help=f"UTF-8 text, a sentence per line (default: the prepared corpus "
-                        f"{DEFAULT_CORPUS} in the data cache, built on first use)")
-    p.add_argument("--prepare", default=None, metavar="OUT",
-                   help="only write the default corpus (gensim's Wikipedia sample, "
-                        "lee_background.cor and Tiny Shakespeare) to OUT and exit")
-    p.add_argument("--modes", nargs="+", default=["skipgram", "cbow"],
-                   choices=list(word2vec.MODES), help="which architectures to run")
-    p.add_argument("--impls", nargs="+", default=["gensim", "jaxseq"],
-                   choices=["gensim", "jaxseq"], help="which implementations to run")
+    p = _cli.parser(
+        "python -m benchmarks word2vec",
+        "Word2Vec speed and quality: jaxseq vs gensim on one corpus.",
+    )
+    p.add_argument(
+        "--corpus",
+        default=None,
+        metavar="PATH",
+        help=f"UTF-8 text, a sentence per line (default: the prepared corpus "
+        f"{DEFAULT_CORPUS} in the data cache, built on first use)",
+    )
+    p.add_argument(
+        "--prepare",
+        default=None,
+        metavar="OUT",
+        help="only write the default corpus (gensim's Wikipedia sample, "
+        "lee_background.cor and Tiny Shakespeare) to OUT and exit",
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["skipgram", "cbow"],
+        choices=list(word2vec.MODES),
+        help="which architectures to run",
+    )
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        default=["gensim", "jaxseq"],
+        choices=["gensim", "jaxseq"],
+        help="which implementations to run",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per run")
     _cli.add_dataclass_flags(p, BenchConfig)
     return p
@@ -105,10 +127,20 @@ def run_gensim(sentences, mode: str, cfg: BenchConfig, seed: int):
     from gensim.models import Word2Vec
 
     alpha = _lr(mode)
-    model = Word2Vec(vector_size=cfg.dim, window=cfg.window, negative=cfg.negative, hs=0,
-                     min_count=cfg.min_count, sample=cfg.sample, sg=int(mode == "skipgram"),
-                     cbow_mean=1, alpha=alpha, min_alpha=alpha * 1e-4, workers=cfg.workers,
-                     seed=seed)
+    model = Word2Vec(
+        vector_size=cfg.dim,
+        window=cfg.window,
+        negative=cfg.negative,
+        hs=0,
+        min_count=cfg.min_count,
+        sample=cfg.sample,
+        sg=int(mode == "skipgram"),
+        cbow_mean=1,
+        alpha=alpha,
+        min_alpha=alpha * 1e-4,
+        workers=cfg.workers,
+        seed=seed,
+    )
     model.build_vocab(sentences)
     start = time.perf_counter()
     model.train(sentences, total_examples=len(sentences), epochs=cfg.epochs)
@@ -117,9 +149,17 @@ def run_gensim(sentences, mode: str, cfg: BenchConfig, seed: int):
 
 
 def run_jaxseq(sentences, mode: str, cfg: BenchConfig, seed: int):
-    config = word2vec.TrainConfig(mode=mode, dim=cfg.dim, window=cfg.window,
-                                  negative=cfg.negative, min_count=cfg.min_count,
-                                  sample=cfg.sample, epochs=cfg.epochs, lr=_lr(mode), seed=seed)
+    config = word2vec.TrainConfig(
+        mode=mode,
+        dim=cfg.dim,
+        window=cfg.window,
+        negative=cfg.negative,
+        min_count=cfg.min_count,
+        sample=cfg.sample,
+        epochs=cfg.epochs,
+        lr=_lr(mode),
+        seed=seed,
+    )
     from experiments.word2vec import train  # the command's own run loop
 
     prepared = word2vec.prepare(sentences, config)
@@ -142,8 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             import gensim  # noqa: F401
         except ImportError:
-            raise UsageError("the gensim side of the benchmark needs gensim "
-                             "(pip install 'jaxseq[eval]'), or pass --impls jaxseq") from None
+            raise UsageError(
+                "the gensim side of the benchmark needs gensim "
+                "(pip install 'jaxseq[eval]'), or pass --impls jaxseq"
+            ) from None
     path = pathlib.Path(args.corpus) if args.corpus else cache_dir() / DEFAULT_CORPUS
     if args.corpus is None and not path.is_file():
         n = prepare_corpus(path)
@@ -157,9 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not have_eval:
         print(word2vec.NO_GENSIM, file=sys.stderr)
     if not args.json:
-        print(f"corpus {path}: {words:,} words, {len(sentences):,} sentences; dim {cfg.dim}, "
-              f"window {cfg.window}, negative {cfg.negative}, min_count {cfg.min_count}, "
-              f"sample {cfg.sample:g}, {cfg.epochs} epochs, gensim workers={cfg.workers}")
+        print(
+            f"corpus {path}: {words:,} words, {len(sentences):,} sentences; dim {cfg.dim}, "
+            f"window {cfg.window}, negative {cfg.negative}, min_count {cfg.min_count}, "
+            f"sample {cfg.sample:g}, {cfg.epochs} epochs, gensim workers={cfg.workers}"
+        )
     runners = {"gensim": run_gensim, "jaxseq": run_jaxseq}
     rows = []
     for rep in range(cfg.repeats):
@@ -167,23 +211,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             order = list(args.impls) if rep % 2 == 0 else list(reversed(args.impls))
             for impl in order:
                 vocab, vectors, seconds = runners[impl](sentences, mode, cfg, cfg.seed + rep)
-                row = {"impl": impl, "mode": mode, "repeat": rep,
-                       "words_per_s": words * cfg.epochs / seconds, "seconds": seconds,
-                       "ws353": None, "simlex": None, "analogy": None}
+                row = {
+                    "impl": impl,
+                    "mode": mode,
+                    "repeat": rep,
+                    "words_per_s": words * cfg.epochs / seconds,
+                    "seconds": seconds,
+                    "ws353": None,
+                    "simlex": None,
+                    "analogy": None,
+                }
                 if have_eval:
                     s = scorer(vocab, vectors)
-                    row.update(ws353=s.ws353.spearman, simlex=s.simlex.spearman,
-                               analogy=s.analogy.accuracy, ws353_oov=s.ws353.oov_rate,
-                               simlex_oov=s.simlex.oov_rate, analogy_oov=s.analogy.oov_rate)
+                    row.update(
+                        ws353=s.ws353.spearman,
+                        simlex=s.simlex.spearman,
+                        analogy=s.analogy.accuracy,
+                        ws353_oov=s.ws353.oov_rate,
+                        simlex_oov=s.simlex.oov_rate,
+                        analogy_oov=s.analogy.oov_rate,
+                    )
                 rows.append(row)
                 if args.json:
                     print(json.dumps(row), flush=True)
                 else:
-                    print(f"  {mode:8s} {impl:6s} run {rep}: {row['words_per_s']:>11,.0f} "
-                          f"words/s ({seconds:.2f}s)" + (
-                              f"  ws353 {row['ws353']:.3f} simlex {row['simlex']:.3f} "
-                              f"analogy {row['analogy']:.2%}" if have_eval else ""),
-                          flush=True)
+                    print(
+                        f"  {mode:8s} {impl:6s} run {rep}: {row['words_per_s']:>11,.0f} "
+                        f"words/s ({seconds:.2f}s)"
+                        + (
+                            f"  ws353 {row['ws353']:.3f} simlex {row['simlex']:.3f} "
+                            f"analogy {row['analogy']:.2%}"
+                            if have_eval
+                            else ""
+                        ),
+                        flush=True,
+                    )
     if not args.json:
         _summary(rows, args.modes, args.impls)
     return 0
@@ -195,19 +257,25 @@ def _median(rows, key):
 
 
 def _summary(rows, modes, impls):
-    print("\n| mode | impl | words/s (median) | ratio jaxseq/gensim | WS353 | SimLex | "
-          "analogy |")
+    print("\n| mode | impl | words/s (median) | ratio jaxseq/gensim | WS353 | SimLex | analogy |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for mode in modes:
-        med = {i: _median([r for r in rows if r["mode"] == mode and r["impl"] == i],
-                          "words_per_s") for i in impls}
+        med = {
+            i: _median([r for r in rows if r["mode"] == mode and r["impl"] == i], "words_per_s")
+            for i in impls
+        }
         for impl in impls:
             mine = [r for r in rows if r["mode"] == mode and r["impl"] == impl]
-            ratio = (f"{med['jaxseq'] / med['gensim']:.2f}x"
-                     if impl == "jaxseq" and "gensim" in med else "")
-            print(f"| {mode} | {impl} | {med[impl]:,.0f} | {ratio} | "
-                  f"{_median(mine, 'ws353'):.3f} | {_median(mine, 'simlex'):.3f} | "
-                  f"{_median(mine, 'analogy'):.2%} |")
+            ratio = (
+                f"{med['jaxseq'] / med['gensim']:.2f}x"
+                if impl == "jaxseq" and "gensim" in med
+                else ""
+            )
+            print(
+                f"| {mode} | {impl} | {med[impl]:,.0f} | {ratio} | "
+                f"{_median(mine, 'ws353'):.3f} | {_median(mine, 'simlex'):.3f} | "
+                f"{_median(mine, 'analogy'):.2%} |"
+            )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import argparse
 import dataclasses
 import sys
 import typing
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from jaxseq.config import field  # noqa: F401  (re-exported for the benchmarks' configs)
 from jaxseq.errors import UsageError
@@ -29,8 +30,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("default" in text or action.default in (None, False, [], argparse.SUPPRESS)
-                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+        if (
+            "default" in text
+            or action.default in (None, False, [], argparse.SUPPRESS)
+            or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        ):
             return text
         return super()._get_help_string(action)
 
@@ -45,6 +49,7 @@ def _positive_or_any(kind: type) -> Callable[[str], Any]:
             return kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+
     convert.__name__ = kind.__name__
     return convert
 
@@ -59,20 +64,37 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: Sequence[st
         help_text = f.metadata.get("help", "")
         kind = hints[f.name]
         if kind is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default, help=help_text)
+            p.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=help_text,
+            )
             continue
         origin = typing.get_origin(kind)
         if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if typing.get_origin(kind) is tuple:
             inner = typing.get_args(kind)[0]
-            p.add_argument(flag, dest=f.name, nargs="+", type=_positive_or_any(inner),
-                           default=f.default, help=help_text)
+            p.add_argument(
+                flag,
+                dest=f.name,
+                nargs="+",
+                type=_positive_or_any(inner),
+                default=f.default,
+                help=help_text,
+            )
             continue
-        p.add_argument(flag, dest=f.name, type=_positive_or_any(kind), default=f.default,
-                       choices=f.metadata.get("choices"), help=help_text,
-                       metavar=f.metadata.get("metavar"))
+        p.add_argument(
+            flag,
+            dest=f.name,
+            type=_positive_or_any(kind),
+            default=f.default,
+            choices=f.metadata.get("choices"),
+            help=help_text,
+            metavar=f.metadata.get("metavar"),
+        )
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
@@ -101,27 +123,52 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 def add_parallel_flags(p: argparse.ArgumentParser) -> None:
     """``--devices`` and the multi-host flags shared by the training commands."""
     g = p.add_argument_group("data parallelism")
-    g.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="shard each batch over N devices (default: all; with several "
-                        "processes, all devices of all processes)")
-    g.add_argument("--cpu-devices", type=int, default=None, metavar="N",
-                   help="present the CPU to JAX as N devices and split each batch over "
-                        "them, N programs side by side (pays for small models on few cores: "
-                        "2 on a 2-core machine, H=256 char-RNN GRU ~1.2x; "
-                        "benchmarks/charlm.md)")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="multi-host: address of process 0, for jax.distributed.initialize")
-    g.add_argument("--num-processes", type=int, default=None, metavar="N",
-                   help="multi-host: total number of processes")
-    g.add_argument("--process-id", type=int, default=None, metavar="I",
-                   help="multi-host: this process's index (0 writes checkpoints and logs)")
+    g.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shard each batch over N devices (default: all; with several "
+        "processes, all devices of all processes)",
+    )
+    g.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="present the CPU to JAX as N devices and split each batch over "
+        "them, N programs side by side (pays for small models on few cores: "
+        "2 on a 2-core machine, H=256 char-RNN GRU ~1.2x; "
+        "benchmarks/charlm.md)",
+    )
+    g.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-host: address of process 0, for jax.distributed.initialize",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="multi-host: total number of processes",
+    )
+    g.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        metavar="I",
+        help="multi-host: this process's index (0 writes checkpoints and logs)",
+    )
 
 
 def split_cpu(devices: int) -> None:
     """``--cpu-devices``: the CPU as ``devices`` JAX devices, all threads on one malloc arena
     (``experiments._malloc.one_arena_for_devices``). Before JAX starts its backend."""
-    from jaxseq import parallel
     from experiments._malloc import one_arena_for_devices
+    from jaxseq import parallel
+
     parallel.use_cpu_devices(devices)
     one_arena_for_devices(devices)
 
@@ -129,6 +176,7 @@ def split_cpu(devices: int) -> None:
 def start_parallel(args: argparse.Namespace) -> None:
     """Checks the parallelism flags (errors name them), then sets up devices and processes."""
     from jaxseq import parallel
+
     if args.devices is not None and args.devices < 1:
         raise UsageError(f"--devices must be positive, got {args.devices}")
     if args.cpu_devices is not None and args.cpu_devices < 1:

@@ -49,8 +49,9 @@ def retain_freed_memory() -> bool:
     global _done, _mallopt
     if _done:
         return True
-    if (os.environ.get("JAXSEQ_MALLOC", "").lower() == "default"
-            or not sys.platform.startswith("linux")):
+    if os.environ.get("JAXSEQ_MALLOC", "").lower() == "default" or not sys.platform.startswith(
+        "linux"
+    ):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -62,6 +63,7 @@ def retain_freed_memory() -> bool:
     ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     if ok:
         import jax
+
         jax.config.update("jax_cpu_enable_async_dispatch", False)
         _mallopt = mallopt
     _done = ok

@@ -15,25 +15,35 @@ import dataclasses
 import math
 import sys
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxseq.charrnn import (CharRNNConfig, batch_at, build_model, init_state, make_evaluator,
-                            make_optimizer, make_train_step, prepare_corpus)
+from jaxseq.charrnn import (
+    CharRNNConfig,
+    batch_at,
+    build_model,
+    init_state,
+    make_evaluator,
+    make_optimizer,
+    make_train_step,
+    prepare_corpus,
+)
 from jaxseq.data import CharVocab
 from jaxseq.errors import UsageError
 from jaxseq.models import CharLM, char_lm, count_params, cross_entropy
 from jaxseq.sample import sample
 
-
 # --------------------------------------------------------------------------- recall task
 
-def recall_batch(rng: np.random.Generator, batch: int, gap: int, *, num_symbols: int = 4,
-                 num_noise: int = 4) -> tuple[np.ndarray, np.ndarray]:
+
+def recall_batch(
+    rng: np.random.Generator, batch: int, gap: int, *, num_symbols: int = 4, num_noise: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """Sequences for the recall task: remember the first token across ``gap`` noise tokens.
 
     Token ids ``0 .. num_symbols-1`` are the symbols to remember and
@@ -58,9 +68,21 @@ class RecallResult(NamedTuple):
     seconds: float  # training time
 
 
-def train_recall(cell: str, gap: int, *, hidden: int = 64, embed: int = 16, steps: int = 300,
-                 batch: int = 32, lr: float = 3e-3, clip: float = 1.0, num_symbols: int = 4,
-                 num_noise: int = 4, eval_size: int = 1024, seed: int = 0) -> RecallResult:
+def train_recall(
+    cell: str,
+    gap: int,
+    *,
+    hidden: int = 64,
+    embed: int = 16,
+    steps: int = 300,
+    batch: int = 32,
+    lr: float = 3e-3,
+    clip: float = 1.0,
+    num_symbols: int = 4,
+    num_noise: int = 4,
+    eval_size: int = 1024,
+    seed: int = 0,
+) -> RecallResult:
     """Trains one cell on ``recall_batch`` sequences of one gap and measures its accuracy.
 
     The model is a one-layer ``char_lm`` (embedding, cell, dense); only the last step's
@@ -86,25 +108,32 @@ def train_recall(cell: str, gap: int, *, hidden: int = 64, embed: int = 16, step
     rng = np.random.default_rng([seed, gap, 1])
     start = time.perf_counter()
     for _ in range(steps):
-        tokens, targets = recall_batch(rng, batch, gap, num_symbols=num_symbols,
-                                       num_noise=num_noise)
+        tokens, targets = recall_batch(
+            rng, batch, gap, num_symbols=num_symbols, num_noise=num_noise
+        )
         params, opt_state = train_step(params, opt_state, tokens, targets)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
-    tokens, targets = recall_batch(np.random.default_rng([seed, gap, 2]), eval_size, gap,
-                                   num_symbols=num_symbols, num_noise=num_noise)
+    tokens, targets = recall_batch(
+        np.random.default_rng([seed, gap, 2]),
+        eval_size,
+        gap,
+        num_symbols=num_symbols,
+        num_noise=num_noise,
+    )
     loss, accuracy = jax.jit(loss_fn)(params, tokens, targets)
     return RecallResult(cell, gap, float(accuracy), float(loss), seconds)
 
 
 # --------------------------------------------------------------------------- budgeted runs
 
+
 class Budget(NamedTuple):
     """When a run stops: at ``chars`` characters seen or ``seconds`` of training, whichever
     comes first (``None``: no limit of that kind; at least one must be set)."""
 
-    chars: Optional[int] = None
-    seconds: Optional[float] = None
+    chars: int | None = None
+    seconds: float | None = None
 
     def validate(self) -> None:
         if self.chars is None and self.seconds is None:
@@ -188,14 +217,25 @@ class _Runner:
 
     def record(self):
         val = float(self.evaluate(self.state.params))
-        self.history.append({"step": self.steps, "chars": self.chars,
-                             "seconds": self.seconds, "val_loss": val})
+        self.history.append(
+            {"step": self.steps, "chars": self.chars, "seconds": self.seconds, "val_loss": val}
+        )
 
     def result(self) -> RaceResult:
         finite = [h["val_loss"] for h in self.history if math.isfinite(h["val_loss"])]
-        return RaceResult(self.label, self.config, self.model, self.state.params, self.n_params,
-                          self.steps, self.chars, self.seconds, self.history,
-                          min(finite) if finite else math.inf, self.diverged)
+        return RaceResult(
+            self.label,
+            self.config,
+            self.model,
+            self.state.params,
+            self.n_params,
+            self.steps,
+            self.chars,
+            self.seconds,
+            self.history,
+            min(finite) if finite else math.inf,
+            self.diverged,
+        )
 
 
 def race(
@@ -203,7 +243,7 @@ def race(
     text: str,
     budget: Budget,
     *,
-    labels: Optional[Sequence[str]] = None,
+    labels: Sequence[str] | None = None,
     eval_points: int = 10,
     val_chars: int = 0,
     progress: bool = True,
@@ -238,14 +278,22 @@ def race(
     for r in runners:
         r.compile()
         r.record()
-        log(f"{r.label}: {r.n_params:,} parameters, initial validation "
-            f"{r.history[0]['val_loss']:.4f} nats")
+        log(
+            f"{r.label}: {r.n_params:,} parameters, initial validation "
+            f"{r.history[0]['val_loss']:.4f} nats"
+        )
 
     from tqdm.auto import tqdm
 
     scale = 100  # the bar counts percent of each run's budget, summed over the runs
-    bar = tqdm(total=scale * len(runners), disable=not progress, unit="%", file=sys.stderr,
-               dynamic_ncols=True, desc=f"budget of {len(runners)} runs")
+    bar = tqdm(
+        total=scale * len(runners),
+        disable=not progress,
+        unit="%",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc=f"budget of {len(runners)} runs",
+    )
     shown = [0] * len(runners)
     while not all(r.done for r in runners):
         for i, r in enumerate(runners):
@@ -283,9 +331,13 @@ def count_model_params(config: CharRNNConfig, vocab_size: int) -> int:
 
 
 def hidden_for_param_count(
-    config: CharRNNConfig, vocab_size: int, target: int, *,
+    config: CharRNNConfig,
+    vocab_size: int,
+    target: int,
+    *,
     resize: Callable[[CharRNNConfig, int], CharRNNConfig] = (
-        lambda c, hidden: dataclasses.replace(c, hidden=hidden)),
+        lambda c, hidden: dataclasses.replace(c, hidden=hidden)
+    ),
 ) -> int:
     """The hidden size that brings a model of ``config`` closest to ``target`` parameters
     (the smaller one on a tie). ``resize(config, hidden)`` is the model of that size (by
@@ -303,9 +355,23 @@ def hidden_for_param_count(
     return min((lo, hi), key=lambda h: (abs(count(h) - target), h))
 
 
-def sample_text(model: CharLM, params, vocab: CharVocab, *, length: int, seed: int = 0,
-                temperature: float = 0.8, prime: str = "\n") -> str:
+def sample_text(
+    model: CharLM,
+    params,
+    vocab: CharVocab,
+    *,
+    length: int,
+    seed: int = 0,
+    temperature: float = 0.8,
+    prime: str = "\n",
+) -> str:
     """``length`` characters generated after ``prime`` (which is not included)."""
-    ids = sample(model, params, jax.random.key(seed), jnp.asarray(vocab.encode(prime)),
-                 length=length, temperature=temperature)
+    ids = sample(
+        model,
+        params,
+        jax.random.key(seed),
+        jnp.asarray(vocab.encode(prime)),
+        length=length,
+        temperature=temperature,
+    )
     return vocab.decode(np.asarray(ids[0]))

@@ -19,7 +19,8 @@ import os
 import pathlib
 import signal
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from jaxseq import checkpoint as ckpt
 from jaxseq.errors import UsageError
@@ -40,11 +41,11 @@ class StopSignals:
     """
 
     def __init__(self, enabled: bool = True):
-        self.received: Optional[int] = None
+        self.received: int | None = None
         self._enabled = enabled
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if self._enabled:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
@@ -64,12 +65,12 @@ class StopSignals:
         return False
 
     @property
-    def name(self) -> Optional[str]:
+    def name(self) -> str | None:
         """``"SIGINT"`` or ``"SIGTERM"`` once one arrived, else None."""
         return None if self.received is None else signal.Signals(self.received).name
 
 
-def exit_code_for(signum: Optional[int]) -> int:
+def exit_code_for(signum: int | None) -> int:
     """The shell's convention: 128 + the signal number (130 SIGINT, 143 SIGTERM), 0 for none."""
     return 0 if signum is None else 128 + signum
 
@@ -84,14 +85,21 @@ class RunDir:
     nothing else). Only the ``writer`` process (process 0) touches files.
     """
 
-    def __init__(self, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
-                 writer: bool = True, log: Callable[[str], None] = log_to_stderr):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        writer: bool = True,
+        log: Callable[[str], None] = log_to_stderr,
+    ):
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         self.path = pathlib.Path(path)
         self.resume, self.overwrite, self.writer, self.log = resume, overwrite, writer, log
 
-    def check(self) -> Optional[pathlib.Path]:
+    def check(self) -> pathlib.Path | None:
         """The checkpoint to resume from (None: start from the beginning).
 
         Raises:
@@ -106,12 +114,16 @@ class RunDir:
             if found is None:
                 self.log(f"no checkpoint in {out} yet: starting from the beginning")
             elif found.name != ckpt.CHECKPOINT_NAME:
-                self.log(f"warning: {out / ckpt.CHECKPOINT_NAME} is unreadable; resuming "
-                         f"from the previous checkpoint {found.name}")
+                self.log(
+                    f"warning: {out / ckpt.CHECKPOINT_NAME} is unreadable; resuming "
+                    f"from the previous checkpoint {found.name}"
+                )
             return found
         if self.writer and out.is_dir() and any(out.iterdir()) and not self.overwrite:
-            raise UsageError(f"run directory {out} already exists and is not empty; pass "
-                             f"--resume to continue its run or --overwrite to start again")
+            raise UsageError(
+                f"run directory {out} already exists and is not empty; pass "
+                f"--resume to continue its run or --overwrite to start again"
+            )
         return None
 
     def create(self) -> None:
@@ -133,7 +145,7 @@ class RunDir:
             for name in (METRICS_NAME, ckpt.CHECKPOINT_NAME, ckpt.PREVIOUS_NAME):
                 (self.path / name).unlink(missing_ok=True)
 
-    def save(self, tree: Any, meta: dict) -> Optional[pathlib.Path]:
+    def save(self, tree: Any, meta: dict) -> pathlib.Path | None:
         """Writes ``tree`` (host arrays) and ``meta`` atomically; None on other processes."""
         if not self.writer:
             return None
@@ -147,7 +159,7 @@ class RunDir:
         return f"last good checkpoint (step {ckpt.read_meta(found)['step']}) kept in {self.path}"
 
 
-def find_resume_checkpoint(directory: str | os.PathLike) -> Optional[pathlib.Path]:
+def find_resume_checkpoint(directory: str | os.PathLike) -> pathlib.Path | None:
     """The checkpoint a resume of ``directory`` starts from, or None when it holds none.
 
     Falls back to the previous checkpoint when the newest is unreadable; when checkpoint

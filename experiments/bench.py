@@ -13,9 +13,11 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.__main__ import main as benchmarks_main
+
     return benchmarks_main(argv)
 
 
 if __name__ == "__main__":
     from experiments import _cli
+
     sys.exit(_cli.run_main(main))

@@ -23,22 +23,32 @@ import pathlib
 import platform
 import shlex
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from experiments import _cli, _malloc, _race
 from jaxseq._cells import CELLS
 from jaxseq.charrnn import CharRNNConfig
-from jaxseq.data import CharVocab, load_corpus
 from jaxseq.config import field
+from jaxseq.data import CharVocab, load_corpus
 from jaxseq.errors import UsageError
 
 DEFAULT_OUT = "runs/compare"
 DEFAULT_BUDGET_CHARS = 1_500_000
 CELL_NAMES = ("rnn", "lstm", "gru")  # the default set; any of jaxseq's CELLS may be asked for
-COLORS = {"rnn": "tab:blue", "lstm": "tab:orange", "gru": "tab:green", "mingru": "tab:red",
-          "minlstm": "tab:purple"}
-DISPLAY_NAMES = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU", "mingru": "minGRU",
-                 "minlstm": "minLSTM"}
+COLORS = {
+    "rnn": "tab:blue",
+    "lstm": "tab:orange",
+    "gru": "tab:green",
+    "mingru": "tab:red",
+    "minlstm": "tab:purple",
+}
+DISPLAY_NAMES = {
+    "rnn": "RNN",
+    "lstm": "LSTM",
+    "gru": "GRU",
+    "mingru": "minGRU",
+    "minlstm": "minLSTM",
+}
 LINESTYLES = {"embedding": "-", "onehot": "--"}
 
 
@@ -46,13 +56,21 @@ LINESTYLES = {"embedding": "-", "onehot": "--"}
 class CompareConfig:
     """Every setting of a comparison (each one is a command-line flag)."""
 
-    cells: tuple[str, ...] = field(CELL_NAMES, f"cells to compare, comma- or space-separated, "
-                                   f"from {', '.join(CELLS)}")
-    input: str = field("embedding", "input encoding: learned embeddings, one-hot vectors, "
-                            "or both (every cell twice)", choices=("embedding", "onehot", "both"))
-    match: str = field("hidden", "hidden: every cell gets --hidden units; params: each "
-                            "cell's hidden size is chosen so that its parameter count is closest "
-                            "to an LSTM's with --hidden units", choices=("hidden", "params"))
+    cells: tuple[str, ...] = field(
+        CELL_NAMES, f"cells to compare, comma- or space-separated, from {', '.join(CELLS)}"
+    )
+    input: str = field(
+        "embedding",
+        "input encoding: learned embeddings, one-hot vectors, or both (every cell twice)",
+        choices=("embedding", "onehot", "both"),
+    )
+    match: str = field(
+        "hidden",
+        "hidden: every cell gets --hidden units; params: each "
+        "cell's hidden size is chosen so that its parameter count is closest "
+        "to an LSTM's with --hidden units",
+        choices=("hidden", "params"),
+    )
     hidden: int = field(128, "units of the recurrent layer(s)")
     layers: int = field(1, "stacked recurrent layers")
     embed: int = field(32, "embedding width (embedding input)")
@@ -62,15 +80,20 @@ class CompareConfig:
     warmup: int = field(20, "linear warm-up steps")
     clip: float = field(5.0, "clip gradients to this global norm (0: off)")
     seed: int = field(0, "random seed (initialisation and samples)")
-    budget_chars: Optional[int] = field(
-        None, f"stop each run after this many training characters (default "
-              f"{DEFAULT_BUDGET_CHARS:,} when --budget-seconds is not given)")
-    budget_seconds: Optional[float] = field(
-        None, "stop each run after this many seconds of training wall-clock (evaluation and "
-              "compilation excluded); with --budget-chars too, whichever comes first")
+    budget_chars: int | None = field(
+        None,
+        f"stop each run after this many training characters (default "
+        f"{DEFAULT_BUDGET_CHARS:,} when --budget-seconds is not given)",
+    )
+    budget_seconds: float | None = field(
+        None,
+        "stop each run after this many seconds of training wall-clock (evaluation and "
+        "compilation excluded); with --budget-chars too, whichever comes first",
+    )
     eval_points: int = field(10, "validations per run (besides the one at the start)")
-    val_chars: int = field(0, "validate on the first N characters of the validation "
-                                "split (0: the whole split)")
+    val_chars: int = field(
+        0, "validate on the first N characters of the validation split (0: the whole split)"
+    )
     sample_length: int = field(300, "characters sampled from each model (0: none)")
     temperature: float = field(0.8, "sampling temperature")
 
@@ -84,8 +107,9 @@ class CompareConfig:
         check_cells(self.cells)
         for name in ("hidden", "layers", "embed", "batch", "seq", "eval_points"):
             if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, "
-                                 f"got {getattr(self, name)}")
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )
         if self.val_chars < 0 or self.sample_length < 0 or self.warmup < 0 or self.clip < 0:
             raise UsageError("--val-chars, --sample-length, --warmup and --clip must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -120,20 +144,34 @@ def run_configs(config: CompareConfig, vocab_size: int) -> list[tuple[str, CharR
     for mode in config.input_modes():
         # Every training setting is spelled out so that changes to CharRNNConfig's defaults
         # do not silently change the comparison.
-        base = CharRNNConfig(cell="lstm", layers=config.layers, hidden=config.hidden,
-                             embed=config.embed, input=mode, dropout=0.0, dtype="float32",
-                             batch=config.batch, seq=config.seq, windows="sequential",
-                             lr=config.lr, schedule="constant", warmup=config.warmup,
-                             clip=config.clip, seed=config.seed, sample_length=0,
-                             train_fraction=0.9)
+        base = CharRNNConfig(
+            cell="lstm",
+            layers=config.layers,
+            hidden=config.hidden,
+            embed=config.embed,
+            input=mode,
+            dropout=0.0,
+            dtype="float32",
+            batch=config.batch,
+            seq=config.seq,
+            windows="sequential",
+            lr=config.lr,
+            schedule="constant",
+            warmup=config.warmup,
+            clip=config.clip,
+            seed=config.seed,
+            sample_length=0,
+            train_fraction=0.9,
+        )
         target = None
         if config.match == "params":
             target = _race.count_model_params(base, vocab_size)
         for cell in config.cells:
             c = dataclasses.replace(base, cell=cell)
             if target is not None:
-                c = dataclasses.replace(c, hidden=_race.hidden_for_param_count(
-                    c, vocab_size, target))
+                c = dataclasses.replace(
+                    c, hidden=_race.hidden_for_param_count(c, vocab_size, target)
+                )
             label = cell if config.input != "both" else f"{cell} ({mode})"
             runs.append((label, c))
     return runs
@@ -144,8 +182,9 @@ def prepare_out_dir(out: pathlib.Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"output directory {out} already exists; pass --overwrite to replace "
-                         f"its files")
+        raise UsageError(
+            f"output directory {out} already exists; pass --overwrite to replace its files"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -155,7 +194,7 @@ def prepare_out_dir(out: pathlib.Path, overwrite: bool) -> None:
         raise UsageError(f"cannot write to output directory {out}: {e.strerror}") from None
 
 
-def _finite_or_none(x: float) -> Optional[float]:
+def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no infinity
 
 
@@ -165,22 +204,27 @@ def _fmt_int(n: float) -> str:
 
 def results_table(results: Sequence[_race.RaceResult]) -> str:
     """The markdown table: one row per run."""
-    head = ("| cell | input | hidden | parameters | chars/s | best val loss (nats/char) | "
-            "best val (bits/char) | wall time (s) | chars seen | steps |")
+    head = (
+        "| cell | input | hidden | parameters | chars/s | best val loss (nats/char) | "
+        "best val (bits/char) | wall time (s) | chars seen | steps |"
+    )
     rows = [head, "|" + "---|" * 10]
     for r in results:
         cps = r.chars / r.seconds if r.seconds > 0 else math.nan
         note = " (diverged)" if r.diverged else ""
-        rows.append(f"| {r.config.cell}{note} | {r.config.input} | {r.config.hidden} | "
-                    f"{_fmt_int(r.n_params)} | {_fmt_int(cps)} | {r.best_val:.4f} | "
-                    f"{r.best_val / math.log(2):.4f} | {r.seconds:.1f} | {_fmt_int(r.chars)} | "
-                    f"{r.steps} |")
+        rows.append(
+            f"| {r.config.cell}{note} | {r.config.input} | {r.config.hidden} | "
+            f"{_fmt_int(r.n_params)} | {_fmt_int(cps)} | {r.best_val:.4f} | "
+            f"{r.best_val / math.log(2):.4f} | {r.seconds:.1f} | {_fmt_int(r.chars)} | "
+            f"{r.steps} |"
+        )
     return "\n".join(rows) + "\n"
 
 
 def plot_curves(results: Sequence[_race.RaceResult], path: pathlib.Path, title: str) -> None:
     """Validation loss against characters seen (left) and training wall-clock (right)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -189,15 +233,21 @@ def plot_curves(results: Sequence[_race.RaceResult], path: pathlib.Path, title: 
         chars = [h["chars"] / 1e6 for h in r.history]
         secs = [h["seconds"] for h in r.history]
         loss = [h["val_loss"] for h in r.history]
-        style = dict(color=COLORS.get(r.config.cell), linestyle=LINESTYLES[r.config.input],
-                     marker="o", markersize=3, label=f"{r.label} ({r.n_params:,} params)")
+        style = dict(
+            color=COLORS.get(r.config.cell),
+            linestyle=LINESTYLES[r.config.input],
+            marker="o",
+            markersize=3,
+            label=f"{r.label} ({r.n_params:,} params)",
+        )
         axes[0].plot(chars, loss, **style)
         axes[1].plot(secs, loss, **style)
     axes[0].set_xlabel("characters seen (millions)")
     axes[1].set_xlabel("training wall-clock (s)")
     axes[0].set_ylabel("validation loss (nats/char)")
-    right = axes[1].secondary_yaxis("right", functions=(lambda x: x / math.log(2),
-                                                        lambda x: x * math.log(2)))
+    right = axes[1].secondary_yaxis(
+        "right", functions=(lambda x: x / math.log(2), lambda x: x * math.log(2))
+    )
     right.set_ylabel("bits/char")
     finals = [h["val_loss"] for r in results for h in r.history[1:] if math.isfinite(h["val_loss"])]
     if finals:  # the first point (about log V nats) would squash the interesting range
@@ -231,26 +281,41 @@ def machine_summary() -> dict:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__,
-            "backend": f"{device.platform} ({device.device_kind})", "load_average": load}
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": f"{device.platform} ({device.device_kind})",
+        "load_average": load,
+    }
 
 
 def describe_machine(m: dict) -> str:
     load = ", ".join(map(str, m["load_average"])) if m["load_average"] else "unknown"
-    return (f"{m['cpu']}, {m['cpu_count']} CPUs, JAX {m['jax']} on {m['backend']}; "
-            f"load average (1, 5, 15 min) {load}")
+    return (
+        f"{m['cpu']}, {m['cpu_count']} CPUs, JAX {m['jax']} on {m['backend']}; "
+        f"load average (1, 5, 15 min) {load}"
+    )
 
 
 def _parser():
-    p = _cli.parser("python -m experiments.compare",
-                    "Train char LMs of several cells (RNN, LSTM, GRU by default) under one "
-                    "budget (equal characters or equal wall-clock) and write a table, a plot of validation loss and samples.")
-    p.add_argument("--data", default=None, metavar="PATH",
-                   help="UTF-8 text file (default: Tiny Shakespeare via $JAXSEQ_DATA, the data/ "
-                        "cache, or a download)")
+    p = _cli.parser(
+        "python -m experiments.compare",
+        "Train char LMs of several cells (RNN, LSTM, GRU by default) under one "
+        "budget (equal characters or equal wall-clock) and write a table, a plot of "
+        "validation loss and samples.",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="UTF-8 text file (default: Tiny Shakespeare via $JAXSEQ_DATA, the data/ "
+        "cache, or a download)",
+    )
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help="output directory")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into --out even if it already holds files")
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into --out even if it already holds files"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _cli.add_dataclass_flags(p, CompareConfig)
     return p
@@ -271,9 +336,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = config.budget()
     log = lambda s: print(s, file=sys.stderr, flush=True)
     log(f"{len(runs)} runs, budget {budget.describe()} each, one step of each in turn")
-    results = _race.race([c for _, c in runs], text, budget, labels=[l for l, _ in runs],
-                            eval_points=config.eval_points, val_chars=config.val_chars,
-                            progress=args.progress, log=log)
+    results = _race.race(
+        [c for _, c in runs],
+        text,
+        budget,
+        labels=[l for l, _ in runs],
+        eval_points=config.eval_points,
+        val_chars=config.val_chars,
+        progress=args.progress,
+        log=log,
+    )
     machine = machine_summary()
     machine["load_average_at_start"] = machine_before["load_average"]
     command = "python -m experiments.compare " + shlex.join(argv)
@@ -287,34 +359,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Validation on {config.val_chars or 'all'} characters of the held-out split. "
         f"chars/s and wall time count training steps only (the runs' steps interleave).\n\n"
         f"Machine: {describe_machine(machine)} (at start: "
-        f"{', '.join(map(str, machine_before['load_average'] or []))}).\n\n" + table)
-    plot_curves(results, out / "val_loss.png",
-                f"Char LM validation loss, budget {budget.describe()} per run")
+        f"{', '.join(map(str, machine_before['load_average'] or []))}).\n\n" + table
+    )
+    plot_curves(
+        results,
+        out / "val_loss.png",
+        f"Char LM validation loss, budget {budget.describe()} per run",
+    )
     samples = []
     for r in results:
         if config.sample_length and not r.diverged:
-            body = _race.sample_text(r.model, r.params, vocab, length=config.sample_length,
-                                        seed=config.seed, temperature=config.temperature)
-            samples.append(f"## {r.label}\n\nbest validation {r.best_val:.4f} nats/char, "
-                           f"temperature {config.temperature}, primed with a newline\n\n"
-                           f"```text\n{body}\n```\n")
+            body = _race.sample_text(
+                r.model,
+                r.params,
+                vocab,
+                length=config.sample_length,
+                seed=config.seed,
+                temperature=config.temperature,
+            )
+            samples.append(
+                f"## {r.label}\n\nbest validation {r.best_val:.4f} nats/char, "
+                f"temperature {config.temperature}, primed with a newline\n\n"
+                f"```text\n{body}\n```\n"
+            )
     if samples:
         (out / "samples.md").write_text("# Samples\n\n" + "\n".join(samples))
     record = {
-        "command": command, "config": dataclasses.asdict(config), "machine": machine,
+        "command": command,
+        "config": dataclasses.asdict(config),
+        "machine": machine,
         "budget": budget._asdict(),
-        "runs": [{"label": r.label, "cell": r.config.cell, "input": r.config.input,
-                  "hidden": r.config.hidden, "parameters": r.n_params, "steps": r.steps,
-                  "chars": r.chars, "seconds": r.seconds,
-                  "chars_per_s": r.chars / r.seconds if r.seconds > 0 else None,
-                  "best_val_loss": _finite_or_none(r.best_val),
-                  "best_val_bpc": _finite_or_none(r.best_val / math.log(2)),
-                  "diverged": r.diverged, "history": r.history} for r in results],
+        "runs": [
+            {
+                "label": r.label,
+                "cell": r.config.cell,
+                "input": r.config.input,
+                "hidden": r.config.hidden,
+                "parameters": r.n_params,
+                "steps": r.steps,
+                "chars": r.chars,
+                "seconds": r.seconds,
+                "chars_per_s": r.chars / r.seconds if r.seconds > 0 else None,
+                "best_val_loss": _finite_or_none(r.best_val),
+                "best_val_bpc": _finite_or_none(r.best_val / math.log(2)),
+                "diverged": r.diverged,
+                "history": r.history,
+            }
+            for r in results
+        ],
     }
     (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     print(table, end="")
-    log(f"wrote results.md, results.json, val_loss.png{', samples.md' if samples else ''} "
-        f"to {out}")
+    log(f"wrote results.md, results.json, val_loss.png{', samples.md' if samples else ''} to {out}")
     return 0
 
 

@@ -29,7 +29,8 @@ import pathlib
 import signal
 import sys
 import time
-from typing import Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,18 +48,19 @@ DEFAULT_OUT = "runs/word2vec"
 
 # --------------------------------------------------------------------------- the run
 
+
 class TrainResult(NamedTuple):
     vocab: word2vec.Vocab
     params: word2vec.Word2VecParams
-    vectors: np.ndarray           # (V, D) the input vectors, as exported
-    raw_words: int                # corpus words per epoch (before subsampling)
-    seconds: float                # training wall time, compilation included
-    words_per_s: float            # corpus words trained in this call / seconds
-    epochs_done: float            # fraction of the requested epochs completed
-    interrupted: Optional[int]    # signal number that stopped training early (0: should_stop),
-                                  # None when every epoch ran
-    checkpoint: Optional[pathlib.Path] = None  # the last checkpoint written (run_dir)
-    resumed_from: Optional[tuple[int, int]] = None  # (epoch, call) a resume started at
+    vectors: np.ndarray  # (V, D) the input vectors, as exported
+    raw_words: int  # corpus words per epoch (before subsampling)
+    seconds: float  # training wall time, compilation included
+    words_per_s: float  # corpus words trained in this call / seconds
+    epochs_done: float  # fraction of the requested epochs completed
+    interrupted: int | None  # signal number that stopped training early (0: should_stop),
+    # None when every epoch ran
+    checkpoint: pathlib.Path | None = None  # the last checkpoint written (run_dir)
+    resumed_from: tuple[int, int] | None = None  # (epoch, call) a resume started at
 
 
 class _Progress:
@@ -75,7 +77,7 @@ class _Progress:
         return self.position[0] * self.calls_per_epoch + self.position[1]
 
 
-def _resume_point(run_dir: Optional[_run.RunDir], prepared, config, log):
+def _resume_point(run_dir: _run.RunDir | None, prepared, config, log):
     """``(state or None, position, done_words, resumed_from)`` from the run directory's
     checkpoint; a fresh start is ``(None, (0, 0), 0.0, None)``."""
     found = run_dir.check() if run_dir is not None else None
@@ -89,16 +91,28 @@ def _resume_point(run_dir: Optional[_run.RunDir], prepared, config, log):
     if position[0] >= config.epochs:
         log(f"{found} holds a finished run ({config.epochs} epochs): nothing to train")
     else:
-        log(f"resumed from {found} at epoch {position[0] + 1}, device call {position[1]} of "
-            f"the epoch ({done_words / prepared.corpus.raw_words:.2f} epochs done)")
+        log(
+            f"resumed from {found} at epoch {position[0] + 1}, device call {position[1]} of "
+            f"the epoch ({done_words / prepared.corpus.raw_words:.2f} epochs done)"
+        )
     return state, position, done_words, position
 
 
-def train(sentences, config: word2vec.TrainConfig, *, progress: bool = True,
-          handle_signals: bool = False, should_stop: Callable[[], bool] | None = None,
-          log: Callable[[str], None] | None = None, devices: Optional[int] = None,
-          gather_updates: bool = True, run_dir: str | os.PathLike | None = None,
-          resume: bool = False, overwrite: bool = False, save_every: int = 0) -> TrainResult:
+def train(
+    sentences,
+    config: word2vec.TrainConfig,
+    *,
+    progress: bool = True,
+    handle_signals: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+    devices: int | None = None,
+    gather_updates: bool = True,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    save_every: int = 0,
+) -> TrainResult:
     """Trains word vectors, optionally with checkpoints in a run directory.
 
     Args:
@@ -125,38 +139,81 @@ def train(sentences, config: word2vec.TrainConfig, *, progress: bool = True,
       UsageError: bad config, too many devices, a run directory that holds a run, or a
         checkpoint that is unreadable or of another run.
     """
-    prepared = (sentences if isinstance(sentences, word2vec.Prepared)
-                else word2vec.prepare(sentences, config))
+    prepared = (
+        sentences
+        if isinstance(sentences, word2vec.Prepared)
+        else word2vec.prepare(sentences, config)
+    )
     config.validate()
     log = log or _run.log_to_stderr
     if save_every < 0:
         raise UsageError(f"--save-every must be >= 0, got {save_every}")
     if not parallel.is_main_process():
         progress, log = False, (lambda msg: None)
-    dir_ = None if run_dir is None else _run.RunDir(
-        run_dir, resume=resume, overwrite=overwrite, writer=parallel.is_main_process(), log=log)
+    dir_ = (
+        None
+        if run_dir is None
+        else _run.RunDir(
+            run_dir, resume=resume, overwrite=overwrite, writer=parallel.is_main_process(), log=log
+        )
+    )
     state, position, done_words, resumed_from = _resume_point(dir_, prepared, config, log)
-    trainer = word2vec.make_trainer(prepared, config, state=state, devices=devices,
-                                    with_loss=progress, gather_updates=gather_updates)
+    trainer = word2vec.make_trainer(
+        prepared,
+        config,
+        state=state,
+        devices=devices,
+        with_loss=progress,
+        gather_updates=gather_updates,
+    )
     if dir_ is not None:
         dir_.create()
     if trainer.mesh is not None:
-        log(f"word2vec: {parallel.describe(trainer.mesh)}, "
+        log(
+            f"word2vec: {parallel.describe(trainer.mesh)}, "
             f"{trainer.plan.segments_per_step // trainer.mesh.size} of "
-            f"{trainer.plan.segments_per_step} segments per step on each device")
+            f"{trainer.plan.segments_per_step} segments per step on each device"
+        )
     calls = trainer.plan.total_steps // (trainer.plan.steps_per_call * config.epochs)
     where = _Progress(position, done_words, calls)
-    metrics = (None if dir_ is None else
-               _run.MetricsLog(dir_.path / _run.METRICS_NAME, enabled=dir_.writer))
+    metrics = (
+        None
+        if dir_ is None
+        else _run.MetricsLog(dir_.path / _run.METRICS_NAME, enabled=dir_.writer)
+    )
     if metrics is not None and resumed_from is not None:
         metrics.trim(where.call_index)
-    return _loop(prepared, config, trainer, where, dir_, metrics, progress=progress, log=log,
-                 handle_signals=handle_signals, should_stop=should_stop, save_every=save_every,
-                 resumed_from=resumed_from)
+    return _loop(
+        prepared,
+        config,
+        trainer,
+        where,
+        dir_,
+        metrics,
+        progress=progress,
+        log=log,
+        handle_signals=handle_signals,
+        should_stop=should_stop,
+        save_every=save_every,
+        resumed_from=resumed_from,
+    )
 
 
-def _loop(prepared, config, trainer, where: _Progress, dir_, metrics, *, progress, log,
-          handle_signals, should_stop, save_every, resumed_from) -> TrainResult:
+def _loop(
+    prepared,
+    config,
+    trainer,
+    where: _Progress,
+    dir_,
+    metrics,
+    *,
+    progress,
+    log,
+    handle_signals,
+    should_stop,
+    save_every,
+    resumed_from,
+) -> TrainResult:
     """Device calls from ``where`` to the last epoch's end, or until told to stop."""
     from tqdm.auto import tqdm
 
@@ -170,20 +227,36 @@ def _loop(prepared, config, trainer, where: _Progress, dir_, metrics, *, progres
         meta = word2vec.checkpoint_meta(config, prepared.vocab, where.position, where.done_words)
         where.checkpoint = dir_.save(local, meta) or where.checkpoint
         where.saved_at, where.calls_since_save = where.position, 0
-        metrics.write({"step": where.call_index, "epoch": where.position[0],
-                       "epochs_done": where.done_words / prepared.corpus.raw_words,
-                       "words_per_s": (where.done_words - start_words)
-                       / max(time.perf_counter() - start, 1e-9),
-                       **({"loss": float(where.loss)} if where.loss is not None else {})})
+        metrics.write(
+            {
+                "step": where.call_index,
+                "epoch": where.position[0],
+                "epochs_done": where.done_words / prepared.corpus.raw_words,
+                "words_per_s": (where.done_words - start_words)
+                / max(time.perf_counter() - start, 1e-9),
+                **({"loss": float(where.loss)} if where.loss is not None else {}),
+            }
+        )
 
     make_epoch = lambda epoch: word2vec.epoch_batches(
-        prepared, config, trainer.plan, epoch,
-        skip=where.position[1] if epoch == where.position[0] else 0)
+        prepared,
+        config,
+        trainer.plan,
+        epoch,
+        skip=where.position[1] if epoch == where.position[0] else 0,
+    )
     with _run.StopSignals(handle_signals) as signals:
         producer = BatchProducer(make_epoch, config.epochs, first_epoch=where.position[0])
-        bar = tqdm(total=total_words, initial=min(round(where.done_words), total_words),
-                   disable=not progress, unit="word", unit_scale=True,
-                   dynamic_ncols=True, file=sys.stderr, desc=f"word2vec {config.mode}")
+        bar = tqdm(
+            total=total_words,
+            initial=min(round(where.done_words), total_words),
+            disable=not progress,
+            unit="word",
+            unit_scale=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            desc=f"word2vec {config.mode}",
+        )
         try:
             # Compile while the producer builds the first batches.
             run_chunk = trainer.chunk_fn.lower(state, trainer.batch_shapes).compile()
@@ -207,53 +280,98 @@ def _loop(prepared, config, trainer, where: _Progress, dir_, metrics, *, progres
     interrupted = None
     if where.done_words < total_words * (1 - 1e-9):
         interrupted = signals.received if signals.received is not None else 0
-    return _result(prepared, config, state, trainer, where, start, start_words, interrupted,
-                   resumed_from, log)
+    return _result(
+        prepared, config, state, trainer, where, start, start_words, interrupted, resumed_from, log
+    )
 
 
-def _result(prepared, config, state, trainer, where, start, start_words, interrupted,
-            resumed_from, log) -> TrainResult:
+def _result(
+    prepared, config, state, trainer, where, start, start_words, interrupted, resumed_from, log
+) -> TrainResult:
     seconds = time.perf_counter() - start
     params = state.params if trainer.mesh is None else parallel.to_local(state.params)
     if not bool(jnp.all(jnp.isfinite(params.w_in))):
         log("warning: training produced non-finite vectors; try a lower --lr or --batch")
     total_words = prepared.corpus.raw_words * config.epochs
-    return TrainResult(prepared.vocab, params, np.asarray(params.w_in), prepared.corpus.raw_words,
-                       seconds, (where.done_words - start_words) / max(seconds, 1e-9),
-                       where.done_words / max(total_words, 1), interrupted, where.checkpoint,
-                       resumed_from)
+    return TrainResult(
+        prepared.vocab,
+        params,
+        np.asarray(params.w_in),
+        prepared.corpus.raw_words,
+        seconds,
+        (where.done_words - start_words) / max(seconds, 1e-9),
+        where.done_words / max(total_words, 1),
+        interrupted,
+        where.checkpoint,
+        resumed_from,
+    )
 
 
 # --------------------------------------------------------------------------- command line
 
+
 def _parser():
-    p = _cli.parser("python -m experiments.word2vec",
-                    "Train skip-gram or CBOW word vectors with JAX (word2vec.c's recipe, "
-                    "batched as matrix products; see jaxseq/word2vec.py).")
-    p.add_argument("--data", "--corpus", dest="data", default=None, metavar="PATH",
-                   help="UTF-8 text file, one sentence per line (default: Tiny Shakespeare "
-                        "via $JAXSEQ_DATA, the data/ cache, or a download); --corpus is an "
-                        "alias")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help=f"output directory (default: {DEFAULT_OUT}-<mode>)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into --out even if it already holds files")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint.npz (the same flags "
-                        "are required; starts from the beginning when there is none yet)")
-    p.add_argument("--save-every", type=int, default=0, metavar="N",
-                   help="also write the checkpoint every N device calls (default 0: at the "
-                        "end of each epoch, when stopped, and at the end)")
-    p.add_argument("--query", action="append", default=[], metavar="WORD",
-                   help="print the nearest neighbours of WORD after training (repeatable)")
+    p = _cli.parser(
+        "python -m experiments.word2vec",
+        "Train skip-gram or CBOW word vectors with JAX (word2vec.c's recipe, "
+        "batched as matrix products; see jaxseq/word2vec.py).",
+    )
+    p.add_argument(
+        "--data",
+        "--corpus",
+        dest="data",
+        default=None,
+        metavar="PATH",
+        help="UTF-8 text file, one sentence per line (default: Tiny Shakespeare "
+        "via $JAXSEQ_DATA, the data/ cache, or a download); --corpus is an "
+        "alias",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"output directory (default: {DEFAULT_OUT}-<mode>)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into --out even if it already holds files"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint.npz (the same flags "
+        "are required; starts from the beginning when there is none yet)",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write the checkpoint every N device calls (default 0: at the "
+        "end of each epoch, when stopped, and at the end)",
+    )
+    p.add_argument(
+        "--query",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="print the nearest neighbours of WORD after training (repeatable)",
+    )
     p.add_argument("--topn", type=int, default=10, help="neighbours printed per --query")
-    p.add_argument("--analogy", nargs=3, action="append", default=[], metavar=("A", "B", "C"),
-                   help="print the best D for A:B::C:D (repeatable)")
-    p.add_argument("--eval", action="store_true",
-                   help="print WordSim-353 and SimLex-999 Spearman and Google analogy "
-                        "accuracy (data files from gensim's package)")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+    p.add_argument(
+        "--analogy",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("A", "B", "C"),
+        help="print the best D for A:B::C:D (repeatable)",
+    )
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="print WordSim-353 and SimLex-999 Spearman and Google analogy "
+        "accuracy (data files from gensim's package)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _cli.add_parallel_flags(p)
     _cli.add_dataclass_flags(p, word2vec.TrainConfig)
     return p
@@ -278,8 +396,7 @@ def _check_before_reading(args, config: word2vec.TrainConfig, out: pathlib.Path)
     if args.devices is not None and args.devices > 1:
         parallel.data_mesh(args.devices)
     if parallel.is_main_process():
-        run_dir = _run.RunDir(out, resume=args.resume, overwrite=args.overwrite,
-                              log=lambda s: None)
+        run_dir = _run.RunDir(out, resume=args.resume, overwrite=args.overwrite, log=lambda s: None)
         found = run_dir.check()
         if found is not None:
             word2vec.check_resume(found, config)
@@ -289,8 +406,10 @@ def _check_words(args, config: word2vec.TrainConfig, words: Sequence[str]) -> No
     known = set(words)
     for w in [*args.query, *(x for triple in args.analogy for x in triple)]:
         if w.lower() not in known:
-            raise UsageError(f"word {w!r} is not in the vocabulary ({len(words)} words "
-                             f"with --min-count {config.min_count}; words are lower-cased)")
+            raise UsageError(
+                f"word {w!r} is not in the vocabulary ({len(words)} words "
+                f"with --min-count {config.min_count}; words are lower-cased)"
+            )
 
 
 def _write_outputs(out: pathlib.Path, args, config, result: TrainResult) -> None:
@@ -298,16 +417,19 @@ def _write_outputs(out: pathlib.Path, args, config, result: TrainResult) -> None
     out.mkdir(parents=True, exist_ok=True)
     word2vec.save_text(out / "vectors.txt", words, result.vectors)
     word2vec.save_binary(out / "vectors.bin", words, result.vectors)
-    record = {"config": {k: getattr(config, k) for k in config.__dataclass_fields__},
-              "corpus": str(args.data) if args.data else "tinyshakespeare",
-              "corpus_words": result.raw_words, "devices": args.devices or jax.device_count(),
-              "vocab_size": len(words), "seconds": result.seconds,
-              "words_per_s": result.words_per_s,
-              "epochs_done": result.epochs_done * config.epochs,
-              "resumed_from": result.resumed_from and {"epoch": result.resumed_from[0],
-                                                       "call": result.resumed_from[1]},
-              "interrupted": signal.Signals(result.interrupted).name
-              if result.interrupted else None}
+    record = {
+        "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+        "corpus": str(args.data) if args.data else "tinyshakespeare",
+        "corpus_words": result.raw_words,
+        "devices": args.devices or jax.device_count(),
+        "vocab_size": len(words),
+        "seconds": result.seconds,
+        "words_per_s": result.words_per_s,
+        "epochs_done": result.epochs_done * config.epochs,
+        "resumed_from": result.resumed_from
+        and {"epoch": result.resumed_from[0], "call": result.resumed_from[1]},
+        "interrupted": signal.Signals(result.interrupted).name if result.interrupted else None,
+    }
     _write_json(out / "run.json", record)
 
 
@@ -317,7 +439,7 @@ def _print_queries(args, result: TrainResult) -> None:
         neighbours = word2vec.most_similar(words, result.vectors, q.lower(), topn=args.topn)
         print(f"{q}: " + ", ".join(f"{w} {s:.3f}" for w, s in neighbours))
     for a, b, c in args.analogy:
-        (d, score), = word2vec.analogy(words, result.vectors, a.lower(), b.lower(), c.lower())
+        ((d, score),) = word2vec.analogy(words, result.vectors, a.lower(), b.lower(), c.lower())
         print(f"{a} : {b} :: {c} : {d} ({score:.3f})")
     if args.eval:
         scores = word2vec.evaluate(words, result.vectors)
@@ -338,24 +460,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_words(args, config, prepared.vocab.words)
     main_process = parallel.is_main_process()
     if main_process:
-        print(f"corpus: {prepared.corpus.raw_words:,} words, vocabulary "
-              f"{len(prepared.vocab):,} (min count {config.min_count})", file=sys.stderr)
-    result = train(prepared, config, progress=args.progress, handle_signals=True,
-                   devices=args.devices, run_dir=out, resume=args.resume,
-                   overwrite=args.overwrite, save_every=args.save_every)
+        print(
+            f"corpus: {prepared.corpus.raw_words:,} words, vocabulary "
+            f"{len(prepared.vocab):,} (min count {config.min_count})",
+            file=sys.stderr,
+        )
+    result = train(
+        prepared,
+        config,
+        progress=args.progress,
+        handle_signals=True,
+        devices=args.devices,
+        run_dir=out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        save_every=args.save_every,
+    )
     code = _run.exit_code_for(result.interrupted or None)
     if not main_process:
         return code
     _write_outputs(out, args, config, result)
     if result.interrupted:
-        print(f"interrupted by {signal.Signals(result.interrupted).name} after "
-              f"{result.epochs_done * config.epochs:.2f} of {config.epochs} epochs; vectors "
-              f"trained so far saved in {out}/vectors.txt and vectors.bin, checkpoint in "
-              f"{out}/checkpoint.npz; continue with the same flags and --out {out} --resume",
-              file=sys.stderr)
+        print(
+            f"interrupted by {signal.Signals(result.interrupted).name} after "
+            f"{result.epochs_done * config.epochs:.2f} of {config.epochs} epochs; vectors "
+            f"trained so far saved in {out}/vectors.txt and vectors.bin, checkpoint in "
+            f"{out}/checkpoint.npz; continue with the same flags and --out {out} --resume",
+            file=sys.stderr,
+        )
         return code
-    print(f"trained {config.mode} in {result.seconds:.1f}s ({result.words_per_s:,.0f} "
-          f"words/s); vectors in {out}/vectors.txt and {out}/vectors.bin", file=sys.stderr)
+    print(
+        f"trained {config.mode} in {result.seconds:.1f}s ({result.words_per_s:,.0f} "
+        f"words/s); vectors in {out}/vectors.txt and {out}/vectors.bin",
+        file=sys.stderr,
+    )
     _print_queries(args, result)
     return 0
 

@@ -46,24 +46,46 @@ from jaxseq.errors import UsageError
 __version__ = "0.1.0"
 
 __all__ = [
-    "CELLS", "Cell", "GRUParams", "LSTMParams", "LSTMState", "RNNParams", "Stack",
-    "UsageError", "gru", "lstm", "make_cell", "reference_unroll", "rnn", "stack", "unroll",
+    "CELLS",
+    "Cell",
+    "GRUParams",
+    "LSTMParams",
+    "LSTMState",
+    "RNNParams",
+    "Stack",
+    "UsageError",
+    "gru",
+    "lstm",
+    "make_cell",
+    "reference_unroll",
+    "rnn",
+    "stack",
+    "unroll",
 ]
 __all__ += ["FlaxCell", "TorchRNNInfo", "from_flax_linen_params", "from_torch_state_dict"]
 __all__ += ["IMPLS", "unroll_embedded"]
 __all__ += ["linear_recurrence", "mingru", "minlstm"]
-__all__ += ["from_equinox", "from_flax_nnx", "to_equinox_arrays", "to_flax_linen_params",
-            "to_flax_nnx", "to_flax_nnx_state", "to_torch_state_dict"]
+__all__ += [
+    "from_equinox",
+    "from_flax_nnx",
+    "to_equinox_arrays",
+    "to_flax_linen_params",
+    "to_flax_nnx",
+    "to_flax_nnx_state",
+    "to_torch_state_dict",
+]
 
 
 def __getattr__(name: str):
     # PEP 562: FlaxCell needs flax.linen, so it is imported on first use, not with jaxseq.
     if name == "FlaxCell":
         from jaxseq._linen import FlaxCell
+
         return FlaxCell
     # jaxseq.nnx (the NNX modules) and to_flax_nnx need flax.nnx: imported on first use too.
     if name in ("nnx", "to_flax_nnx"):
         import importlib
+
         module = importlib.import_module("jaxseq.nnx")
         return module if name == "nnx" else module.to_flax_nnx
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,7 +25,8 @@ minGRU and minLSTM (Feng et al. 2024) have no recurrent matrix: their gates read
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +69,8 @@ class Cell(NamedTuple):
     hidden_size: int
     name: str
     num_gates: int
-    kernel: Optional[str] = None
-    coefficients: Optional[Callable[[Params, Array], tuple[Array, Array]]] = None
+    kernel: str | None = None
+    coefficients: Callable[[Params, Array], tuple[Array, Array]] | None = None
 
 
 class RNNParams(NamedTuple):
@@ -102,7 +103,7 @@ class GRUParams(NamedTuple):
     w_ih: Array  # (F, 3H), gate blocks r, z, n
     w_hh: Array  # (H, 3H)
     b: Array  # (3H,)  input-side bias (b_ir + b_hr, b_iz + b_hz, b_in)
-    b_hn: Optional[Array]  # (H,) recurrent bias of n, inside r * (.); None when reset_after=False
+    b_hn: Array | None  # (H,) recurrent bias of n, inside r * (.); None when reset_after=False
 
 
 def _glorot_uniform(key: PRNGKey, fan_in: int, fan_out: int, dtype) -> Array:
@@ -118,12 +119,14 @@ def _orthogonal_blocks(key: PRNGKey, hidden: int, blocks: int, dtype) -> Array:
     # at least float32 and cast.
     draw_dtype = jnp.promote_types(dtype, jnp.float32)
     return jnp.concatenate(
-        [init(k, (hidden, hidden), draw_dtype).astype(dtype) for k in keys], axis=1)
+        [init(k, (hidden, hidden), draw_dtype).astype(dtype) for k in keys], axis=1
+    )
 
 
 def _zeros_carry(hidden: int) -> Callable[..., Array]:
     def initial_carry(batch_shape: tuple[int, ...] = (), dtype=jnp.float32) -> Array:
         return jnp.zeros((*tuple(batch_shape), hidden), dtype)
+
     return initial_carry
 
 
@@ -173,8 +176,9 @@ def rnn(hidden_size: int, *, activation: str = "tanh", param_dtype=jnp.float32) 
     def apply(params: RNNParams, h: Array, x: Array) -> tuple[Array, Array]:
         return step(params, h, _project(params, x))
 
-    return Cell(init, apply, _zeros_carry(H), _project, step, H, "rnn", 1,
-                kernel=f"rnn_{activation}")
+    return Cell(
+        init, apply, _zeros_carry(H), _project, step, H, "rnn", 1, kernel=f"rnn_{activation}"
+    )
 
 
 def lstm(hidden_size: int, *, forget_bias: float = 1.0, param_dtype=jnp.float32) -> Cell:
@@ -202,7 +206,7 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, param_dtype=jnp.float32)
 
     def init(key: PRNGKey, input_size: int) -> LSTMParams:
         k_ih, k_hh = jax.random.split(key)
-        b = jnp.zeros((4 * H,), param_dtype).at[H:2 * H].set(forget_bias)
+        b = jnp.zeros((4 * H,), param_dtype).at[H : 2 * H].set(forget_bias)
         return LSTMParams(
             w_ih=_glorot_uniform(k_ih, input_size, 4 * H, param_dtype),
             w_hh=_orthogonal_blocks(k_hh, H, 4, param_dtype),
@@ -265,6 +269,7 @@ def gru(hidden_size: int, *, reset_after: bool = True, param_dtype=jnp.float32) 
         )
 
     if reset_after:
+
         def step(params: GRUParams, h: Array, zx: Array) -> tuple[Array, Array]:
             zh = h @ params.w_hh.astype(zx.dtype)
             xr, xz, xn = jnp.split(zx, 3, axis=-1)
@@ -275,22 +280,32 @@ def gru(hidden_size: int, *, reset_after: bool = True, param_dtype=jnp.float32) 
             h = (1.0 - z) * n + z * h
             return h, h
     else:
+
         def step(params: GRUParams, h: Array, zx: Array) -> tuple[Array, Array]:
             w_hh = params.w_hh.astype(zx.dtype)
-            zh = h @ w_hh[:, :2 * H]
+            zh = h @ w_hh[:, : 2 * H]
             xr, xz, xn = jnp.split(zx, 3, axis=-1)
             hr, hz = jnp.split(zh, 2, axis=-1)
             r = jax.nn.sigmoid(xr + hr)
             z = jax.nn.sigmoid(xz + hz)
-            candidate = jnp.tanh(xn + (r * h) @ w_hh[:, 2 * H:])
+            candidate = jnp.tanh(xn + (r * h) @ w_hh[:, 2 * H :])
             h = (1.0 - z) * h + z * candidate
             return h, h
 
     def apply(params: GRUParams, h: Array, x: Array) -> tuple[Array, Array]:
         return step(params, h, _project(params, x))
 
-    return Cell(init, apply, _zeros_carry(H), _project, step, H, "gru", 3,
-                kernel="gru" if reset_after else "gru_cho")
+    return Cell(
+        init,
+        apply,
+        _zeros_carry(H),
+        _project,
+        step,
+        H,
+        "gru",
+        3,
+        kernel="gru" if reset_after else "gru_cho",
+    )
 
 
 # ------------------------------------------------------------------ minimal (linear) cells
@@ -309,8 +324,11 @@ def gru(hidden_size: int, *, reset_after: bool = True, param_dtype=jnp.float32) 
 
 def _min_init(hidden: int, gates: int, param_dtype) -> Callable[[PRNGKey, int], MinParams]:
     def init(key: PRNGKey, input_size: int) -> MinParams:
-        return MinParams(w_ih=_glorot_uniform(key, input_size, gates * hidden, param_dtype),
-                         b=jnp.zeros((gates * hidden,), param_dtype))
+        return MinParams(
+            w_ih=_glorot_uniform(key, input_size, gates * hidden, param_dtype),
+            b=jnp.zeros((gates * hidden,), param_dtype),
+        )
+
     return init
 
 
@@ -352,8 +370,18 @@ def mingru(hidden_size: int, *, param_dtype=jnp.float32) -> Cell:
     def apply(params: MinParams, h: Array, x: Array) -> tuple[Array, Array]:
         return step(params, h, _project(params, x))
 
-    return Cell(_min_init(H, 2, param_dtype), apply, _zeros_carry(H), _project, step, H,
-                "mingru", 2, kernel=None, coefficients=coefficients)
+    return Cell(
+        _min_init(H, 2, param_dtype),
+        apply,
+        _zeros_carry(H),
+        _project,
+        step,
+        H,
+        "mingru",
+        2,
+        kernel=None,
+        coefficients=coefficients,
+    )
 
 
 def minlstm(hidden_size: int, *, param_dtype=jnp.float32) -> Cell:
@@ -399,8 +427,18 @@ def minlstm(hidden_size: int, *, param_dtype=jnp.float32) -> Cell:
     def apply(params: MinParams, h: Array, x: Array) -> tuple[Array, Array]:
         return step(params, h, _project(params, x))
 
-    return Cell(_min_init(H, 3, param_dtype), apply, _zeros_carry(H), _project, step, H,
-                "minlstm", 3, kernel=None, coefficients=coefficients)
+    return Cell(
+        _min_init(H, 3, param_dtype),
+        apply,
+        _zeros_carry(H),
+        _project,
+        step,
+        H,
+        "minlstm",
+        3,
+        kernel=None,
+        coefficients=coefficients,
+    )
 
 
 CELLS = {"rnn": rnn, "lstm": lstm, "gru": gru, "mingru": mingru, "minlstm": minlstm}

@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxseq._cells import Array, Carry, Cell, LSTMState, Params
-
 
 # ----------------------------------------------------------------------------- helpers
 #
@@ -85,8 +85,15 @@ def _shift(ys: Array, first: Array, reverse: bool) -> Array:
     return jnp.concatenate([first[None], ys[:-1]], axis=0)
 
 
-def _rewrite_loop(T: int, reverse: bool, body: Callable, carry, bufs: tuple,
-                  fetch: Callable = lambda t: (), unroll: int = 1):
+def _rewrite_loop(
+    T: int,
+    reverse: bool,
+    body: Callable,
+    carry,
+    bufs: tuple,
+    fetch: Callable = lambda t: (),
+    unroll: int = 1,
+):
     """A time loop that replaces ``bufs[k][t]`` by what ``body`` computes from it, in place.
 
     ``body(t, carry, olds, got) -> (carry, news)`` with ``olds[k] = bufs[k][t]``,
@@ -157,8 +164,9 @@ def _forward_loop(reverse: bool, step: Callable, carry, zs: Array, save: bool, e
         bufs = (zs, ys) + tuple(jnp.zeros_like(ys) for _ in range(extras))
         carry, (acts, ys, *extra) = _rewrite_loop(T, reverse, body, carry, bufs, unroll=2)
         return carry, ys, acts, tuple(extra)
-    carry, (ys,) = _rewrite_loop(T, reverse, body, carry, (ys,), fetch=lambda t: (_at(zs, t),),
-                                 unroll=2)
+    carry, (ys,) = _rewrite_loop(
+        T, reverse, body, carry, (ys,), fetch=lambda t: (_at(zs, t),), unroll=2
+    )
     return carry, ys, None, ()
 
 
@@ -185,8 +193,9 @@ def _weight_grad(hs: Array, dzs: Array, dtype) -> Array:
     """
     h2 = hs.reshape(-1, hs.shape[-1])
     d2 = dzs.reshape(-1, dzs.shape[-1])
-    dw = jax.lax.dot_general(h2, d2, (((0,), (0,)), ((), ())),
-                             preferred_element_type=_acc_dtype(dtype))
+    dw = jax.lax.dot_general(
+        h2, d2, (((0,), (0,)), ((), ())), preferred_element_type=_acc_dtype(dtype)
+    )
     return dw.astype(dtype)
 
 
@@ -215,8 +224,9 @@ def _projection_fwd(xs, w_ih):
 def _projection_bwd(res, dzs):
     xs, w_ih = res
     T, B, F = xs.shape
-    dxs = jax.lax.dot_general(dzs.reshape(T * B, -1), w_ih, (((1,), (1,)), ((), ())),
-                              preferred_element_type=xs.dtype).reshape(xs.shape)
+    dxs = jax.lax.dot_general(
+        dzs.reshape(T * B, -1), w_ih, (((1,), (1,)), ((), ())), preferred_element_type=xs.dtype
+    ).reshape(xs.shape)
     return dxs, _weight_grad(xs, dzs, w_ih.dtype)
 
 
@@ -225,7 +235,7 @@ _projection.defvjp(_projection_fwd, _projection_bwd)
 
 def _blocks(a: Array, n: int) -> list[Array]:
     H = a.shape[-1] // n
-    return [a[..., k * H:(k + 1) * H] for k in range(n)]
+    return [a[..., k * H : (k + 1) * H] for k in range(n)]
 
 
 # ----------------------------------------------------------------------------- vanilla RNN
@@ -377,17 +387,19 @@ def _lstm_core_bwd(reverse, res, cts):
         dh = dy + dh_next
         tc = jnp.tanh(c)
         dc = dc_next + dh * o * (1.0 - tc * tc)
-        dz = jnp.concatenate([
-            dc * g * i * (1.0 - i),
-            dc * c_prev * f * (1.0 - f),
-            dc * i * (1.0 - g * g),
-            dh * tc * o * (1.0 - o),
-        ], axis=-1)
+        dz = jnp.concatenate(
+            [
+                dc * g * i * (1.0 - i),
+                dc * c_prev * f * (1.0 - f),
+                dc * i * (1.0 - g * g),
+                dh * tc * o * (1.0 - o),
+            ],
+            axis=-1,
+        )
         return (_dot_wt(dz, w_hh), dc * f), (dz,)  # dz_t overwrites the activations
 
     fetch = lambda t: (_at(dys, t), _at(cs, t), _prev(cs, t, c0, reverse))
-    (dh0, dc0), (dzs,) = _rewrite_loop(ys.shape[0], not reverse, body, (dhT, dcT), (acts,),
-                                       fetch)
+    (dh0, dc0), (dzs,) = _rewrite_loop(ys.shape[0], not reverse, body, (dhT, dcT), (acts,), fetch)
     dw_hh = _weight_grad(_shift(ys, h0, reverse), dzs, w_hh.dtype)
     return _bias_grad(dzs, w_hh.dtype), dw_hh, dh0, dc0, dzs
 
@@ -473,8 +485,13 @@ def _gru_core_bwd(reverse, res, cts):
     fetch = lambda t: (_at(dys, t), _prev(ys, t, h0, reverse))
     dh0, (dzs, dhns) = _rewrite_loop(ys.shape[0], not reverse, body, dhT, (acts, hns), fetch)
     h_prev = _shift(ys, h0, reverse)
-    dw_hh = jnp.concatenate([_weight_grad(h_prev, dzs[..., :2 * H], w_hh.dtype),
-                             _weight_grad(h_prev, dhns, w_hh.dtype)], axis=1)
+    dw_hh = jnp.concatenate(
+        [
+            _weight_grad(h_prev, dzs[..., : 2 * H], w_hh.dtype),
+            _weight_grad(h_prev, dhns, w_hh.dtype),
+        ],
+        axis=1,
+    )
     db_hn = jnp.sum(dhns, axis=(0, 1), dtype=_acc_dtype(dhns.dtype)).astype(w_hh.dtype)
     return _bias_grad(dzs, w_hh.dtype), dw_hh, db_hn, dh0, dzs
 
@@ -488,10 +505,10 @@ _gru_core.defvjp(_gru_core_fwd, _gru_core_bwd)
 def _gru_cho_cell(w_hh, b, h, zx):
     H = h.shape[-1]
     xr, xz, xn = _blocks(zx + b, 3)
-    hr, hz = _blocks(_dot(h, w_hh[:, :2 * H]), 2)
+    hr, hz = _blocks(_dot(h, w_hh[:, : 2 * H]), 2)
     r = jax.nn.sigmoid(xr + hr)
     z = jax.nn.sigmoid(xz + hz)
-    cand = jnp.tanh(xn + _dot(r * h, w_hh[:, 2 * H:]))
+    cand = jnp.tanh(xn + _dot(r * h, w_hh[:, 2 * H :]))
     return h + z * (cand - h), (r, z, cand)
 
 
@@ -543,7 +560,7 @@ def _gru_cho_core_bwd(reverse, res, cts):
     w_hh, h0, ys, acts = res
     dhT, dys = cts
     H = h0.shape[-1]
-    w_rz, w_n = w_hh[:, :2 * H], w_hh[:, 2 * H:]
+    w_rz, w_n = w_hh[:, : 2 * H], w_hh[:, 2 * H :]
 
     def body(t, dh_next, olds, got):
         r, z, cand = _blocks(olds[0], 3)
@@ -560,9 +577,13 @@ def _gru_cho_core_bwd(reverse, res, cts):
 
     fetch = lambda t: (_prev(ys, t, h0, reverse),)
     dh0, (dzs, rhs) = _rewrite_loop(ys.shape[0], not reverse, body, dhT, (acts, dys), fetch)
-    dw_hh = jnp.concatenate([
-        _weight_grad(_shift(ys, h0, reverse), dzs[..., :2 * H], w_hh.dtype),
-        _weight_grad(rhs, dzs[..., 2 * H:], w_hh.dtype)], axis=1)
+    dw_hh = jnp.concatenate(
+        [
+            _weight_grad(_shift(ys, h0, reverse), dzs[..., : 2 * H], w_hh.dtype),
+            _weight_grad(rhs, dzs[..., 2 * H :], w_hh.dtype),
+        ],
+        axis=1,
+    )
     return _bias_grad(dzs, w_hh.dtype), dw_hh, dh0, dzs
 
 
@@ -590,8 +611,9 @@ def _rows_fwd(table, ids):
 def _rows_bwd(res, g):
     ids, V = res
     onehot = jax.nn.one_hot(ids, V, dtype=g.dtype)
-    dtable = jax.lax.dot_general(onehot, g, (((0,), (0,)), ((), ())),
-                                 preferred_element_type=_acc_dtype(g.dtype)).astype(g.dtype)
+    dtable = jax.lax.dot_general(
+        onehot, g, (((0,), (0,)), ((), ())), preferred_element_type=_acc_dtype(g.dtype)
+    ).astype(g.dtype)
     return dtable, None
 
 
@@ -635,7 +657,8 @@ def _lstm_run(p, carry, zs, rev):
 
 
 KERNELS = {
-    k.name: k for k in (
+    k.name: k
+    for k in (
         _rnn_kernel("tanh"),
         _rnn_kernel("relu"),
         Kernel(
@@ -657,8 +680,9 @@ KERNELS = {
 }
 
 
-def unsupported(cell: Cell, params: Params, carry: Carry, dtype, batch: tuple,
-                in_size: int, mesh=None) -> Optional[str]:
+def unsupported(
+    cell: Cell, params: Params, carry: Carry, dtype, batch: tuple, in_size: int, mesh=None
+) -> str | None:
     """Why a fused layer cannot run this call, or ``None`` when it can.
 
     The reasons are the kernels' limits: a cell without a ``kernel`` tag, integer inputs, a
@@ -674,8 +698,10 @@ def unsupported(cell: Cell, params: Params, carry: Carry, dtype, batch: tuple,
         return f"the inputs are {jnp.dtype(dtype).name}, not floating point"
     leaves, H = jax.tree.leaves(carry), cell.hidden_size
     if not leaves or any(l.dtype != dtype or tuple(l.shape) != (*batch, H) for l in leaves):
-        return (f"the carry must be {jnp.dtype(dtype).name} of shape {(*batch, H)} like the "
-                f"inputs, got {[(l.dtype.name, tuple(l.shape)) for l in leaves]}")
+        return (
+            f"the carry must be {jnp.dtype(dtype).name} of shape {(*batch, H)} like the "
+            f"inputs, got {[(l.dtype.name, tuple(l.shape)) for l in leaves]}"
+        )
     if math.prod(batch) == 0:
         return "the batch is empty"
     w_ih = getattr(params, "w_ih", None)
@@ -688,8 +714,20 @@ def unsupported(cell: Cell, params: Params, carry: Carry, dtype, batch: tuple,
     return None
 
 
-def _run(kernel: Kernel, cell: Cell, params, carry, zs_of, data, data_specs, T, batch,
-         dtype, reverse, mesh):
+def _run(
+    kernel: Kernel,
+    cell: Cell,
+    params,
+    carry,
+    zs_of,
+    data,
+    data_specs,
+    T,
+    batch,
+    dtype,
+    reverse,
+    mesh,
+):
     """The fused layer on ``data`` (``zs_of(params, B, data)`` gives its projected inputs).
 
     With a ``mesh`` of several devices it runs under ``shard_map``: batch rows split over
@@ -717,14 +755,18 @@ def _run(kernel: Kernel, cell: Cell, params, carry, zs_of, data, data_specs, T, 
     # Gradients of the replicated parameters are still summed over devices (the
     # 4-device tests match one device to 1e-5).
     sharded = jax.shard_map(
-        layer, mesh=mesh,
+        layer,
+        mesh=mesh,
         in_specs=(P(), jax.tree.map(lambda _: rows, carry), data_specs(rows)),
-        out_specs=(jax.tree.map(lambda _: rows, carry), P(None, *rows)), check_vma=False)
+        out_specs=(jax.tree.map(lambda _: rows, carry), P(None, *rows)),
+        check_vma=False,
+    )
     return sharded(cast, carry, data)
 
 
-def fused_unroll(cell: Cell, params: Params, carry: Carry, xs: Array, *, reverse: bool,
-                 mesh=None) -> tuple[Carry, Array]:
+def fused_unroll(
+    cell: Cell, params: Params, carry: Carry, xs: Array, *, reverse: bool, mesh=None
+) -> tuple[Carry, Array]:
     """``unroll`` by the fused layer named by ``cell.kernel``.
 
     The caller has checked ``unsupported(...)`` is ``None``.
@@ -743,12 +785,32 @@ def fused_unroll(cell: Cell, params: Params, carry: Carry, xs: Array, *, reverse
     T, batch = xs.shape[0], tuple(xs.shape[1:-1])
     zs_of = lambda p, B, xs: _projection(xs.reshape(T, B, xs.shape[-1]), p.w_ih)
     specs = lambda rows: P(None, *rows)  # xs: (T, batch, F)
-    return _run(KERNELS[cell.kernel], cell, params, carry, zs_of, xs, specs, T, batch,
-                xs.dtype, reverse, mesh)
+    return _run(
+        KERNELS[cell.kernel],
+        cell,
+        params,
+        carry,
+        zs_of,
+        xs,
+        specs,
+        T,
+        batch,
+        xs.dtype,
+        reverse,
+        mesh,
+    )
 
 
-def fused_unroll_embedded(cell: Cell, params: Params, carry: Carry, table: Array,
-                          tokens: Array, *, reverse: bool, mesh=None) -> tuple[Carry, Array]:
+def fused_unroll_embedded(
+    cell: Cell,
+    params: Params,
+    carry: Carry,
+    table: Array,
+    tokens: Array,
+    *,
+    reverse: bool,
+    mesh=None,
+) -> tuple[Carry, Array]:
     """``fused_unroll`` on ``table[tokens]``, projecting the table instead of the inputs.
 
     ``zs = (table @ W_ih)[tokens]``: the ``(V, G*H)`` product is one ``V x E x G*H``
@@ -769,5 +831,17 @@ def fused_unroll_embedded(cell: Cell, params: Params, carry: Carry, table: Array
         return _rows(product, tokens.reshape(T * B)).reshape(T, B, -1)
 
     specs = lambda rows: (P(), P(None, *rows))  # table, tokens: (T, batch)
-    return _run(KERNELS[cell.kernel], cell, params, carry, zs_of, (table, tokens), specs, T,
-                batch, table.dtype, reverse, mesh)
+    return _run(
+        KERNELS[cell.kernel],
+        cell,
+        params,
+        carry,
+        zs_of,
+        (table, tokens),
+        specs,
+        T,
+        batch,
+        table.dtype,
+        reverse,
+        mesh,
+    )

@@ -134,15 +134,18 @@ def from_torch_state_dict(
     for key, value in state_dict.items():
         if not key.startswith(prefix):
             continue
-        match = _TORCH_KEY.match(key[len(prefix):])
+        match = _TORCH_KEY.match(key[len(prefix) :])
         if match is None:
             unexpected.append(key)
             continue
         kind, layer, reverse = match.group(1), int(match.group(2)), match.group(3) is not None
         arrays[(kind, layer, int(reverse))] = np.asarray(value)
     if unexpected:
-        hint = (" (an LSTM with proj_size > 0 is not supported)"
-                if any("weight_hr" in k for k in unexpected) else "")
+        hint = (
+            " (an LSTM with proj_size > 0 is not supported)"
+            if any("weight_hr" in k for k in unexpected)
+            else ""
+        )
         raise ValueError(f"unexpected state_dict keys {sorted(unexpected)}{hint}")
     if not arrays:
         raise ValueError(f"no recurrent weights found in the state_dict (prefix {prefix!r})")
@@ -152,8 +155,10 @@ def from_torch_state_dict(
     if num_layers is not None and num_layers != found_layers:
         raise ValueError(f"num_layers={num_layers} but the state_dict has {found_layers} layers")
     if bidirectional is not None and bidirectional != found_bidirectional:
-        raise ValueError(f"bidirectional={bidirectional} but the state_dict "
-                         f"{'has' if found_bidirectional else 'has no'} *_reverse weights")
+        raise ValueError(
+            f"bidirectional={bidirectional} but the state_dict "
+            f"{'has' if found_bidirectional else 'has no'} *_reverse weights"
+        )
     directions = 2 if found_bidirectional else 1
     has_bias = any(kind.startswith("bias") for kind, _, _ in arrays)
     kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if has_bias else ())
@@ -166,17 +171,21 @@ def from_torch_state_dict(
 
     w0 = arrays[("weight_ih", 0, 0)]
     if w0.ndim != 2 or w0.shape[0] % gates:
-        raise ValueError(f"{prefix}weight_ih_l0 has shape {w0.shape}; a {cell_name} needs "
-                         f"({gates}*hidden_size, input_size)")
+        raise ValueError(
+            f"{prefix}weight_ih_l0 has shape {w0.shape}; a {cell_name} needs "
+            f"({gates}*hidden_size, input_size)"
+        )
     H, F = w0.shape[0] // gates, w0.shape[1]
     cast = (lambda a: jnp.asarray(a, dtype)) if dtype is not None else jnp.asarray
 
     def get(kind, layer, d, shape):
         a = arrays[(kind, layer, d)]
         if a.shape != shape:
-            raise ValueError(f"{prefix}{kind}_l{layer}{'_reverse' if d else ''} has shape "
-                             f"{a.shape}, expected {shape} for a {cell_name} with "
-                             f"hidden_size={H}")
+            raise ValueError(
+                f"{prefix}{kind}_l{layer}{'_reverse' if d else ''} has shape "
+                f"{a.shape}, expected {shape} for a {cell_name} with "
+                f"hidden_size={H}"
+            )
         return a
 
     layers = []
@@ -192,8 +201,8 @@ def from_torch_state_dict(
             else:
                 b_ih = b_hh = np.zeros((gates * H,), w_ih.dtype)
             if cell_name == "gru":
-                b = np.concatenate([b_ih[:2 * H] + b_hh[:2 * H], b_ih[2 * H:]])
-                params = GRUParams(cast(w_ih), cast(w_hh), cast(b), cast(b_hh[2 * H:]))
+                b = np.concatenate([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]])
+                params = GRUParams(cast(w_ih), cast(w_hh), cast(b), cast(b_hh[2 * H :]))
             else:
                 params = _PARAM_TYPES[cell_name](cast(w_ih), cast(w_hh), cast(b_ih + b_hh))
             pair.append(params)
@@ -250,16 +259,20 @@ def from_flax_linen_params(params: Mapping[str, Any], cell_name: str | None = No
     names = set(params)
     found = next((n for n, layout in _LINEN_LAYOUTS.items() if layout == names), None)
     if found is None:
-        raise ValueError(f"linen params with submodules {sorted(names)} match no supported "
-                         "cell (SimpleCell: i, h; LSTMCell: ii..ho; GRUCell: ir..hn)")
+        raise ValueError(
+            f"linen params with submodules {sorted(names)} match no supported "
+            "cell (SimpleCell: i, h; LSTMCell: ii..ho; GRUCell: ir..hn)"
+        )
     if cell_name is not None and cell_name != found:
         raise ValueError(f"cell_name={cell_name!r} but the params are those of a {found}")
 
     def dense(name, bias):
         sub = dict(params[name])
         if "kernel" not in sub or (bias and "bias" not in sub):
-            raise ValueError(f"linen submodule {name!r} lacks its "
-                             f"{'kernel and bias' if bias else 'kernel'}: has {sorted(sub)}")
+            raise ValueError(
+                f"linen submodule {name!r} lacks its "
+                f"{'kernel and bias' if bias else 'kernel'}: has {sorted(sub)}"
+            )
         return jnp.asarray(sub["kernel"]), (jnp.asarray(sub["bias"]) if bias else None)
 
     if found == "rnn":
@@ -270,19 +283,26 @@ def from_flax_linen_params(params: Mapping[str, Any], cell_name: str | None = No
         gates = "ifgo"
         w_ih = jnp.concatenate([dense("i" + g, False)[0] for g in gates], axis=1)
         hs = [dense("h" + g, True) for g in gates]
-        out = LSTMParams(w_ih, jnp.concatenate([w for w, _ in hs], axis=1),
-                         jnp.concatenate([b for _, b in hs]))
+        out = LSTMParams(
+            w_ih, jnp.concatenate([w for w, _ in hs], axis=1), jnp.concatenate([b for _, b in hs])
+        )
     else:
         xs = [dense("i" + g, True) for g in "rzn"]
         w_hh = jnp.concatenate([dense("h" + g, False)[0] for g in "rzn"], axis=1)
         _, b_hn = dense("hn", True)
-        out = GRUParams(jnp.concatenate([w for w, _ in xs], axis=1), w_hh,
-                        jnp.concatenate([b for _, b in xs]), b_hn)
+        out = GRUParams(
+            jnp.concatenate([w for w, _ in xs], axis=1),
+            w_hh,
+            jnp.concatenate([b for _, b in xs]),
+            b_hn,
+        )
     H = out.w_hh.shape[0]
     G = _NUM_GATES[found]
     if out.w_hh.shape != (H, G * H) or out.w_ih.shape[1] != G * H or out.b.shape != (G * H,):
-        raise ValueError(f"linen {found} params have inconsistent shapes: w_ih "
-                         f"{out.w_ih.shape}, w_hh {out.w_hh.shape}, b {out.b.shape}")
+        raise ValueError(
+            f"linen {found} params have inconsistent shapes: w_ih "
+            f"{out.w_ih.shape}, w_hh {out.w_hh.shape}, b {out.b.shape}"
+        )
     return out
 
 
@@ -301,17 +321,23 @@ def _kind(cell, params, target: str) -> str:
     """``"rnn"``, ``"lstm"`` or ``"gru"``: the cell, checked to be one ``target`` can hold."""
     name = getattr(cell, "name", None)
     if name not in _NUM_GATES:
-        raise ValueError(f"{target} has no counterpart of the {name!r} cell; only jaxseq's "
-                         f"rnn, lstm and gru cells convert")
-    if name == "gru" and (cell.kernel == "gru_cho"
-                          or (isinstance(params, GRUParams) and params.b_hn is None)):
+        raise ValueError(
+            f"{target} has no counterpart of the {name!r} cell; only jaxseq's "
+            f"rnn, lstm and gru cells convert"
+        )
+    if name == "gru" and (
+        cell.kernel == "gru_cho" or (isinstance(params, GRUParams) and params.b_hn is None)
+    ):
         raise ValueError(
             f"{target} cannot express jaxseq.gru(H, reset_after=False), the reset-before GRU "
             f"of Cho et al. 2014 (r multiplies h before W_hn); its GRU is the reset-after "
-            f"form (cuDNN/PyTorch), jaxseq.gru(H, reset_after=True)")
+            f"form (cuDNN/PyTorch), jaxseq.gru(H, reset_after=True)"
+        )
     if not isinstance(params, _PARAM_TYPES[name]):
-        raise ValueError(f"params must be a {_PARAM_TYPES[name].__name__} for the {name!r} "
-                         f"cell, got {type(params).__name__}")
+        raise ValueError(
+            f"params must be a {_PARAM_TYPES[name].__name__} for the {name!r} "
+            f"cell, got {type(params).__name__}"
+        )
     return name
 
 
@@ -380,13 +406,19 @@ def to_torch_state_dict(params, cell, *, prefix: str = "", as_numpy: bool = Fals
     pairs = [(layer,) if _is_cell_params(layer) else tuple(layer) for layer in layers]
     directions = len(pairs[0])
     if directions not in (1, 2) or any(len(p) != directions for p in pairs):
-        raise ValueError(f"every layer must be the cell's params or a (forward, backward) "
-                         f"pair, got {[len(p) for p in pairs]} entries per layer")
+        raise ValueError(
+            f"every layer must be the cell's params or a (forward, backward) "
+            f"pair, got {[len(p) for p in pairs]} entries per layer"
+        )
     if stack_info is not None and (stack_info.num_layers, stack_info.bidirectional) != (
-            len(pairs), directions == 2):
-        raise ValueError(f"the Stack has {stack_info.num_layers} layers, bidirectional="
-                         f"{stack_info.bidirectional}, but params has {len(pairs)} layers "
-                         f"with {directions} direction(s)")
+        len(pairs),
+        directions == 2,
+    ):
+        raise ValueError(
+            f"the Stack has {stack_info.num_layers} layers, bidirectional="
+            f"{stack_info.bidirectional}, but params has {len(pairs)} layers "
+            f"with {directions} direction(s)"
+        )
     name = _kind(cell, pairs[0][0], "PyTorch")
     G = _NUM_GATES[name]
     H = _np(pairs[0][0].w_hh).shape[0]
@@ -399,8 +431,10 @@ def to_torch_state_dict(params, cell, *, prefix: str = "", as_numpy: bool = Fals
             w_ih, w_hh, b = _np(p.w_ih), _np(p.w_hh), _np(p.b)
             where = f"layer {layer}{' (backward)' if d else ''}"
             if w_ih.shape != (in_size, G * H) or w_hh.shape != (H, G * H) or b.shape != (G * H,):
-                raise ValueError(f"{where}: w_ih {w_ih.shape}, w_hh {w_hh.shape}, b {b.shape}; "
-                                 f"expected ({in_size}, {G * H}), ({H}, {G * H}), ({G * H},)")
+                raise ValueError(
+                    f"{where}: w_ih {w_ih.shape}, w_hh {w_hh.shape}, b {b.shape}; "
+                    f"expected ({in_size}, {G * H}), ({H}, {G * H}), ({G * H},)"
+                )
             if name == "gru":
                 b_hh = np.concatenate([np.zeros((2 * H,), b.dtype), _np(p.b_hn)])
             else:
@@ -411,13 +445,16 @@ def to_torch_state_dict(params, cell, *, prefix: str = "", as_numpy: bool = Fals
             sd[f"{prefix}bias_ih{suffix}"] = b
             sd[f"{prefix}bias_hh{suffix}"] = b_hh
     if as_numpy:
-        return {k: (v.astype(np.float32) if v.dtype.name == "bfloat16" else v)
-                for k, v in sd.items()}
+        return {
+            k: (v.astype(np.float32) if v.dtype.name == "bfloat16" else v) for k, v in sd.items()
+        }
     try:
         import torch
     except ImportError as e:  # torch is optional: jaxseq never needs it otherwise
-        raise ImportError("to_torch_state_dict needs PyTorch for tensors (pip install torch), "
-                          "or pass as_numpy=True") from e
+        raise ImportError(
+            "to_torch_state_dict needs PyTorch for tensors (pip install torch), "
+            "or pass as_numpy=True"
+        ) from e
 
     def tensor(a: np.ndarray):
         if a.dtype.name == "bfloat16":  # NumPy has no bfloat16 for torch.from_numpy
@@ -431,8 +468,11 @@ def to_torch_state_dict(params, cell, *, prefix: str = "", as_numpy: bool = Fals
 # jaxseq cell params -> flax.linen cell params
 # --------------------------------------------------------------------------------------
 
-_LINEN_TARGETS = {"rnn": ("SimpleCell",), "lstm": ("LSTMCell", "OptimizedLSTMCell"),
-                  "gru": ("GRUCell",)}
+_LINEN_TARGETS = {
+    "rnn": ("SimpleCell",),
+    "lstm": ("LSTMCell", "OptimizedLSTMCell"),
+    "gru": ("GRUCell",),
+}
 
 
 def _check_target(name: str, target: str | None, framework: str) -> str:
@@ -440,8 +480,10 @@ def _check_target(name: str, target: str | None, framework: str) -> str:
     if target is None:
         return allowed[0]
     if target not in allowed:
-        raise ValueError(f"target={target!r} cannot hold a jaxseq {name} cell in {framework}; "
-                         f"use {' or '.join(map(repr, allowed))}")
+        raise ValueError(
+            f"target={target!r} cannot hold a jaxseq {name} cell in {framework}; "
+            f"use {' or '.join(map(repr, allowed))}"
+        )
     return target
 
 
@@ -474,7 +516,7 @@ def to_flax_linen_params(params, cell, target: str | None = None) -> dict:
     _check_target(name, target, "flax.linen")
     H = params.w_hh.shape[0]
     w_ih, w_hh, b = jnp.asarray(params.w_ih), jnp.asarray(params.w_hh), jnp.asarray(params.b)
-    block = lambda a, k: a[..., k * H:(k + 1) * H]
+    block = lambda a, k: a[..., k * H : (k + 1) * H]
     if name == "rnn":
         return {"i": {"kernel": w_ih, "bias": b}, "h": {"kernel": w_hh}}
     if name == "lstm":
@@ -535,9 +577,12 @@ def from_flax_nnx(cell_or_state, cell_name: str | None = None):
     if not hasattr(state, "items"):
         # A module: flax is already imported by whoever built it.
         from flax import nnx
+
         if getattr(state, "residual", False):
-            raise ValueError("nnx.SimpleCell(residual=True) adds h inside the activation; "
-                             "jaxseq.rnn has no such term")
+            raise ValueError(
+                "nnx.SimpleCell(residual=True) adds h inside the activation; "
+                "jaxseq.rnn has no such term"
+            )
         state = nnx.state(state, nnx.Param)
     tree = _plain(state)
     names = set(tree)
@@ -546,8 +591,7 @@ def from_flax_nnx(cell_or_state, cell_name: str | None = None):
         node = tree
         for key in path:
             if not hasattr(node, "items") or key not in node:
-                raise ValueError(f"nnx cell state lacks {'/'.join(path)}; it has "
-                                 f"{sorted(tree)}")
+                raise ValueError(f"nnx cell state lacks {'/'.join(path)}; it has {sorted(tree)}")
             node = node[key]
         return jnp.asarray(node)
 
@@ -562,8 +606,10 @@ def from_flax_nnx(cell_or_state, cell_name: str | None = None):
         G = w_hh.shape[1] // H if w_hh.ndim == 2 and H else 0
         found = {1: "rnn", 4: "lstm", 3: "gru"}.get(G)
         if found is None or w_hh.shape[1] != G * H:
-            raise ValueError(f"nnx dense_h kernel has shape {tuple(w_hh.shape)}: not (H, H) "
-                             f"(SimpleCell), (H, 3H) (GRUCell) or (H, 4H) (OptimizedLSTMCell)")
+            raise ValueError(
+                f"nnx dense_h kernel has shape {tuple(w_hh.shape)}: not (H, H) "
+                f"(SimpleCell), (H, 3H) (GRUCell) or (H, 4H) (OptimizedLSTMCell)"
+            )
         w_ih = get(("dense_i", "kernel"))
         if found == "rnn":
             out = RNNParams(w_ih, w_hh, get(("dense_i", "bias")))
@@ -573,21 +619,29 @@ def from_flax_nnx(cell_or_state, cell_name: str | None = None):
             b_hn = get((NNX_HN_BIAS,)) if NNX_HN_BIAS in names else jnp.zeros((H,), w_hh.dtype)
             out = GRUParams(w_ih, w_hh, get(("dense_i", "bias")), b_hn)
     else:
-        raise ValueError(f"nnx cell state with entries {sorted(names)} matches no supported "
-                         f"cell (SimpleCell, OptimizedLSTMCell, GRUCell: dense_i, dense_h; "
-                         f"LSTMCell: ii..ho)")
+        raise ValueError(
+            f"nnx cell state with entries {sorted(names)} matches no supported "
+            f"cell (SimpleCell, OptimizedLSTMCell, GRUCell: dense_i, dense_h; "
+            f"LSTMCell: ii..ho)"
+        )
     if cell_name is not None and cell_name != found:
         raise ValueError(f"cell_name={cell_name!r} but the state is that of a {found}")
     H, G = out.w_hh.shape[0], _NUM_GATES[found]
-    if (out.w_hh.shape != (H, G * H) or out.w_ih.ndim != 2 or out.w_ih.shape[1] != G * H
-            or out.b.shape != (G * H,) or (found == "gru" and out.b_hn.shape != (H,))):
-        raise ValueError(f"nnx {found} state has inconsistent shapes: w_ih "
-                         f"{out.w_ih.shape}, w_hh {out.w_hh.shape}, b {out.b.shape}")
+    if (
+        out.w_hh.shape != (H, G * H)
+        or out.w_ih.ndim != 2
+        or out.w_ih.shape[1] != G * H
+        or out.b.shape != (G * H,)
+        or (found == "gru" and out.b_hn.shape != (H,))
+    ):
+        raise ValueError(
+            f"nnx {found} state has inconsistent shapes: w_ih "
+            f"{out.w_ih.shape}, w_hh {out.w_hh.shape}, b {out.b.shape}"
+        )
     return out
 
 
-def to_flax_nnx_state(params, cell, target: str | None = None, *,
-                      hn_bias: bool = False) -> dict:
+def to_flax_nnx_state(params, cell, target: str | None = None, *, hn_bias: bool = False) -> dict:
     """The params state (a nested dict of arrays) of the nnx cell that computes ``params``.
 
     The inverse of ``from_flax_nnx``; ``jaxseq.nnx.to_flax_nnx`` builds the module and
@@ -616,7 +670,7 @@ def to_flax_nnx_state(params, cell, target: str | None = None, *,
     H = params.w_hh.shape[0]
     w_ih, w_hh, b = jnp.asarray(params.w_ih), jnp.asarray(params.w_hh), jnp.asarray(params.b)
     if target == "LSTMCell":
-        block = lambda a, k: a[..., k * H:(k + 1) * H]
+        block = lambda a, k: a[..., k * H : (k + 1) * H]
         out = {}
         for k, g in enumerate(("i", "f_", "g", "o")):
             out["i" + g] = {"kernel": block(w_ih, k)}
@@ -633,7 +687,8 @@ def to_flax_nnx_state(params, cell, target: str | None = None, *,
                 "this nnx.GRUCell has no b_hn (the recurrent bias of the candidate n, inside "
                 "r * (h W_hn + b_hn); flax issue #5594), and these params have a non-zero "
                 "b_hn, so it cannot compute them; use a Flax whose GRUCell has hn_bias, "
-                "jaxseq.nnx.Cell, or flax.linen.GRUCell (which has b_hn)")
+                "jaxseq.nnx.Cell, or flax.linen.GRUCell (which has b_hn)"
+            )
     return out
 
 
@@ -675,8 +730,10 @@ def from_equinox(cell_or_arrays, cell_name: str | None = None):
     G = w_hh.shape[0] // H if H else 0
     found = {4: "lstm", 3: "gru"}.get(G)
     if found is None or w_hh.shape[0] != G * H or w_ih.ndim != 2 or w_ih.shape[0] != G * H:
-        raise ValueError(f"equinox weight_ih {w_ih.shape}, weight_hh {w_hh.shape} are those of "
-                         f"neither an LSTMCell (4H rows) nor a GRUCell (3H rows)")
+        raise ValueError(
+            f"equinox weight_ih {w_ih.shape}, weight_hh {w_hh.shape} are those of "
+            f"neither an LSTMCell (4H rows) nor a GRUCell (3H rows)"
+        )
     if cell_name is not None and cell_name != found:
         raise ValueError(f"cell_name={cell_name!r} but the arrays are those of a {found}")
     bias = get("bias")
@@ -717,8 +774,11 @@ def to_equinox_arrays(params, cell) -> dict:
     name = _kind(cell, params, "equinox")
     if name == "rnn":
         raise ValueError("equinox has no vanilla (Elman) RNN cell to hold a jaxseq rnn")
-    out = {"weight_ih": jnp.asarray(params.w_ih).T, "weight_hh": jnp.asarray(params.w_hh).T,
-           "bias": jnp.asarray(params.b)}
+    out = {
+        "weight_ih": jnp.asarray(params.w_ih).T,
+        "weight_hh": jnp.asarray(params.w_hh).T,
+        "bias": jnp.asarray(params.b),
+    }
     if name == "gru":
         out["bias_n"] = jnp.asarray(params.b_hn)
     return out

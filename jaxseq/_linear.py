@@ -41,8 +41,9 @@ def _combine(earlier: tuple[Array, Array], later: tuple[Array, Array]) -> tuple[
     return a1 * a2, a2 * b1 + b2
 
 
-def linear_recurrence(a: Array, b: Array, h0: Array, *, reverse: bool = False,
-                      impl: str = "auto") -> Array:
+def linear_recurrence(
+    a: Array, b: Array, h0: Array, *, reverse: bool = False, impl: str = "auto"
+) -> Array:
     """All states of ``h_t = a_t * h_{t-1} + b_t`` (elementwise), ``h_{-1} = h0``.
 
     ``impl="associative"`` folds ``h0`` into the first step (``b_0 <- a_0*h0 + b_0``) and
@@ -89,13 +90,15 @@ def linear_recurrence(a: Array, b: Array, h0: Array, *, reverse: bool = False,
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
     a, b, h0 = jnp.asarray(a), jnp.asarray(b), jnp.asarray(h0)
     if a.ndim < 1 or a.shape != b.shape:
-        raise ValueError(f"a and b must be (T, *batch, H) of one shape, got {a.shape} and "
-                         f"{b.shape}")
+        raise ValueError(
+            f"a and b must be (T, *batch, H) of one shape, got {a.shape} and {b.shape}"
+        )
     try:
         jnp.broadcast_shapes(h0.shape, a.shape[1:])
     except ValueError:
-        raise ValueError(f"h0 {h0.shape} does not broadcast to a's step shape "
-                         f"{a.shape[1:]}") from None
+        raise ValueError(
+            f"h0 {h0.shape} does not broadcast to a's step shape {a.shape[1:]}"
+        ) from None
     dtype = jnp.result_type(a, b, h0)
     a, b = a.astype(dtype), b.astype(dtype)
     h0 = jnp.broadcast_to(h0.astype(dtype), a.shape[1:])
@@ -106,10 +109,12 @@ def linear_recurrence(a: Array, b: Array, h0: Array, *, reverse: bool = False,
         impl = "associative" if associative_pays(jax.default_backend()) else "scan"
 
     if impl == "scan":
+
         def step(h, ab):
             a_t, b_t = ab
             h = a_t * h + b_t
             return h, h
+
         return jax.lax.scan(step, h0, (a, b), reverse=reverse)[1]
 
     first = T - 1 if reverse else 0

@@ -61,8 +61,7 @@ class FlaxCell(nn.RNNCellBase):
         return self.cell.apply(params, carry, inputs)
 
     def _params(self, input_size: int):
-        template = jax.eval_shape(lambda key: self.cell.init(key, input_size),
-                                  jax.random.key(0))
+        template = jax.eval_shape(lambda key: self.cell.init(key, input_size), jax.random.key(0))
         fields = {}
         for name, shape in template._asdict().items():
             if shape is None:
@@ -71,7 +70,8 @@ class FlaxCell(nn.RNNCellBase):
             # Each field is drawn from its own call of the cell's init: the fields are
             # independent, and each keeps the distribution that init gives it.
             fields[name] = self.param(
-                name, lambda key, n=name: getattr(self.cell.init(key, input_size), n))
+                name, lambda key, n=name: getattr(self.cell.init(key, input_size), n)
+            )
         return type(template)(**fields)
 
     @nn.nowrap
@@ -106,8 +106,9 @@ class FlaxCell(nn.RNNCellBase):
         """
         params = dict(params)
         if self.cell.name not in _PARAM_TYPES:
-            raise ValueError(f"to_jaxseq_params knows the rnn, lstm and gru cells, not "
-                             f"{self.cell.name!r}")
+            raise ValueError(
+                f"to_jaxseq_params knows the rnn, lstm and gru cells, not {self.cell.name!r}"
+            )
         param_type = _PARAM_TYPES[self.cell.name]
         return param_type(**{name: params.get(name) for name in param_type._fields})
 

@@ -25,7 +25,8 @@ layers out of any ``Cell``; ``unroll_embedded`` is ``unroll`` on looked-up embed
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,10 @@ from jaxseq._linear import associative_pays, linear_recurrence
 
 IMPLS = ("auto", "scan", "fused", "associative")
 
-FORWARD_MODE_HINT = ("the fused kernels define only reverse-mode derivatives (custom_vjp); "
-                     "for jax.jvp, jax.jacfwd or jax.hessian pass impl='scan'")
+FORWARD_MODE_HINT = (
+    "the fused kernels define only reverse-mode derivatives (custom_vjp); "
+    "for jax.jvp, jax.jacfwd or jax.hessian pass impl='scan'"
+)
 
 
 def _masked_step(step: Callable, params: Params) -> Callable:
@@ -60,8 +63,15 @@ def _valid_steps(num_steps: int, seq_lengths: Array, xs_ndim: int) -> Array:
     return steps < jnp.asarray(seq_lengths)[None]
 
 
-def scan_unroll(cell: Cell, params: Params, carry: Carry, zs: Array, *, reverse: bool = False,
-                seq_lengths: Optional[Array] = None) -> tuple[Carry, Array]:
+def scan_unroll(
+    cell: Cell,
+    params: Params,
+    carry: Carry,
+    zs: Array,
+    *,
+    reverse: bool = False,
+    seq_lengths: Array | None = None,
+) -> tuple[Carry, Array]:
     """``unroll(impl="scan")`` on projected inputs: ``lax.scan`` of ``cell.step`` over ``zs``.
 
     ``zs: (T, *batch, G*H)`` is ``cell.project(params, xs)``, computed by the caller for the
@@ -73,9 +83,15 @@ def scan_unroll(cell: Cell, params: Params, carry: Carry, zs: Array, *, reverse:
     return jax.lax.scan(_masked_step(cell.step, params), carry, (zs, valid), reverse=reverse)
 
 
-def associative_unroll(cell: Cell, params: Params, carry: Array, zs: Array, *,
-                       reverse: bool = False,
-                       seq_lengths: Optional[Array] = None) -> tuple[Array, Array]:
+def associative_unroll(
+    cell: Cell,
+    params: Params,
+    carry: Array,
+    zs: Array,
+    *,
+    reverse: bool = False,
+    seq_lengths: Array | None = None,
+) -> tuple[Array, Array]:
     """``unroll(impl="associative")`` on projected inputs ``zs = cell.project(params, xs)``:
     ``linear_recurrence`` on ``cell.coefficients(params, zs)``.
 
@@ -95,11 +111,13 @@ def associative_unroll(cell: Cell, params: Params, carry: Array, zs: Array, *,
     return final, hs
 
 
-def _why_not_associative(cell: Cell, carry: Carry, xs_shape: tuple) -> Optional[str]:
+def _why_not_associative(cell: Cell, carry: Carry, xs_shape: tuple) -> str | None:
     """Why ``associative_unroll`` cannot run this call, or ``None`` when it can."""
     if cell.coefficients is None:
-        return (f"the {cell.name!r} cell's recurrence is not linear in its carry "
-                f"(cell.coefficients is None; minGRU and minLSTM have one)")
+        return (
+            f"the {cell.name!r} cell's recurrence is not linear in its carry "
+            f"(cell.coefficients is None; minGRU and minLSTM have one)"
+        )
     if len(xs_shape) < 2:
         return f"xs must be (T, *batch, F), got shape {xs_shape}"
     want = (*xs_shape[1:-1], cell.hidden_size)
@@ -109,8 +127,11 @@ def _why_not_associative(cell: Cell, carry: Carry, xs_shape: tuple) -> Optional[
     return None
 
 
-def _choose_impl(impl: str, why_not_fused: Callable[[], Optional[str]],
-                 why_not_associative: Callable[[], Optional[str]]) -> str:
+def _choose_impl(
+    impl: str,
+    why_not_fused: Callable[[], str | None],
+    why_not_associative: Callable[[], str | None],
+) -> str:
     """Resolves ``impl`` to what runs: ``"scan"``, ``"fused"`` or ``"associative"``.
 
     ``why_not_*()`` say what stops each fast path (``None``: nothing). An explicit fast path
@@ -125,8 +146,10 @@ def _choose_impl(impl: str, why_not_fused: Callable[[], Optional[str]],
     if impl in ("fused", "associative"):
         reason = (why_not_fused if impl == "fused" else why_not_associative)()
         if reason is not None:
-            raise ValueError(f"impl={impl!r} cannot run this call: {reason}; pass "
-                             f"impl='scan' (or 'auto', which falls back to it)")
+            raise ValueError(
+                f"impl={impl!r} cannot run this call: {reason}; pass "
+                f"impl='scan' (or 'auto', which falls back to it)"
+            )
         return impl
     if why_not_fused() is None:
         return "fused"
@@ -152,7 +175,7 @@ def unroll(
     xs: Array,
     *,
     reverse: bool = False,
-    seq_lengths: Optional[Array] = None,
+    seq_lengths: Array | None = None,
     impl: str = "auto",
     mesh: Any = None,
 ) -> tuple[Carry, Array]:
@@ -182,7 +205,7 @@ def unroll(
     """
     batch, in_size = tuple(xs.shape[1:-1]), xs.shape[-1]
 
-    def why_not() -> Optional[str]:
+    def why_not() -> str | None:
         if seq_lengths is not None:
             return "seq_lengths is given (the kernels run whole sequences)"
         if xs.ndim < 2 or xs.shape[0] == 0:
@@ -192,10 +215,12 @@ def unroll(
     chosen = _choose_impl(impl, why_not, lambda: _why_not_associative(cell, carry, xs.shape))
     if chosen == "fused":
         return _forward_mode_hint(
-            lambda: fused_unroll(cell, params, carry, xs, reverse=reverse, mesh=mesh))
+            lambda: fused_unroll(cell, params, carry, xs, reverse=reverse, mesh=mesh)
+        )
     run = associative_unroll if chosen == "associative" else scan_unroll
-    return run(cell, params, carry, cell.project(params, xs), reverse=reverse,
-               seq_lengths=seq_lengths)
+    return run(
+        cell, params, carry, cell.project(params, xs), reverse=reverse, seq_lengths=seq_lengths
+    )
 
 
 def unroll_embedded(
@@ -231,7 +256,7 @@ def unroll_embedded(
     """
     batch = tuple(tokens.shape[1:])
 
-    def why_not() -> Optional[str]:
+    def why_not() -> str | None:
         if tokens.shape[0] == 0:
             return "tokens must be (T > 0, *batch)"
         return unsupported(cell, params, carry, table.dtype, batch, table.shape[-1], mesh)
@@ -239,8 +264,11 @@ def unroll_embedded(
     xs_shape = (*tokens.shape, table.shape[-1])
     chosen = _choose_impl(impl, why_not, lambda: _why_not_associative(cell, carry, xs_shape))
     if chosen == "fused":
-        return _forward_mode_hint(lambda: fused_unroll_embedded(
-            cell, params, carry, table, tokens, reverse=reverse, mesh=mesh))
+        return _forward_mode_hint(
+            lambda: fused_unroll_embedded(
+                cell, params, carry, table, tokens, reverse=reverse, mesh=mesh
+            )
+        )
     # project(table)[tokens] == project(table[tokens]): the input product of the V table
     # rows, then a gather, instead of the product of all T*B looked-up rows.
     run = associative_unroll if chosen == "associative" else scan_unroll
@@ -317,10 +345,14 @@ def stack(
 
     def apply(params, carry, xs, *, seq_lengths=None, dropout_key=None, impl="auto", mesh=None):
         run = lambda p, c, x, reverse=False: unroll(
-            cell, p, c, x, reverse=reverse, seq_lengths=seq_lengths, impl=impl, mesh=mesh)
+            cell, p, c, x, reverse=reverse, seq_lengths=seq_lengths, impl=impl, mesh=mesh
+        )
         new_carry = []
-        keys = (jax.random.split(dropout_key, num_layers) if dropout_key is not None
-                else [None] * num_layers)
+        keys = (
+            jax.random.split(dropout_key, num_layers)
+            if dropout_key is not None
+            else [None] * num_layers
+        )
         for layer in range(num_layers):
             if bidirectional:
                 (pf, pb), (cf, cb) = params[layer], carry[layer]

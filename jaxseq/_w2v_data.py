@@ -12,7 +12,8 @@ import collections
 import queue
 import re
 import threading
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def tokenize(text: str, *, max_sentence_len: int = 10000) -> list[list[str]]:
     for line in text.splitlines():
         words = _WORD.findall(line.lower())
         for start in range(0, len(words), max_sentence_len):
-            sentences.append(words[start:start + max_sentence_len])
+            sentences.append(words[start : start + max_sentence_len])
     return sentences
 
 
@@ -83,8 +84,10 @@ def build_vocab(sentences: Iterable[Sequence[str]], min_count: int) -> Vocab:
     kept = sorted((w for w, c in counter.items() if c >= min_count), key=lambda w: (-counter[w], w))
     if not kept:
         top = max(counter.values())
-        raise UsageError(f"no word occurs min_count={min_count} times (the most frequent "
-                         f"occurs {top} times); lower min_count or use a larger corpus")
+        raise UsageError(
+            f"no word occurs min_count={min_count} times (the most frequent "
+            f"occurs {top} times); lower min_count or use a larger corpus"
+        )
     return Vocab(tuple(kept), np.array([counter[w] for w in kept], dtype=np.int64))
 
 
@@ -176,8 +179,9 @@ class SegmentBatch(NamedTuple):
 
 def offsets(segment: int, window: int) -> np.ndarray:
     """(L, L + 2W) int32: input position minus centre position within a segment."""
-    return (np.arange(segment + 2 * window)[None, :] - window
-            - np.arange(segment)[:, None]).astype(np.int32)
+    return (np.arange(segment + 2 * window)[None, :] - window - np.arange(segment)[:, None]).astype(
+        np.int32
+    )
 
 
 def pair_mask(in_sentence, out_sentence, out_window, window: int):
@@ -196,9 +200,12 @@ def pair_mask(in_sentence, out_sentence, out_window, window: int):
     """
     segment = out_sentence.shape[-1]
     dist = abs(offsets(segment, window))
-    return ((dist > 0) & (dist <= out_window[..., :, None])
-            & (in_sentence[..., None, :] == out_sentence[..., :, None])
-            & (out_sentence[..., :, None] != PAD_SENTENCE))
+    return (
+        (dist > 0)
+        & (dist <= out_window[..., :, None])
+        & (in_sentence[..., None, :] == out_sentence[..., :, None])
+        & (out_sentence[..., :, None] != PAD_SENTENCE)
+    )
 
 
 def pairs_from_batch(batch: SegmentBatch, window: int) -> np.ndarray:
@@ -214,14 +221,26 @@ class Chunk(NamedTuple):
     batch: SegmentBatch
     raw_words: float
     epoch: int
-    call: int = 0     # index of this device call within its epoch
-    calls: int = 1    # device calls in this epoch
+    call: int = 0  # index of this device call within its epoch
+    calls: int = 1  # device calls in this epoch
 
 
-def epoch_chunks(corpus: EncodedCorpus, keep: np.ndarray, cdf: np.ndarray, *, window: int,
-                 segment: int, segments_per_step: int, steps_per_call: int,
-                 shared_negatives: int, rng: np.random.Generator, negative_groups: int = 1,
-                 shuffle_block: int = 0, epoch: int = 0, skip: int = 0) -> Iterator[Chunk]:
+def epoch_chunks(
+    corpus: EncodedCorpus,
+    keep: np.ndarray,
+    cdf: np.ndarray,
+    *,
+    window: int,
+    segment: int,
+    segments_per_step: int,
+    steps_per_call: int,
+    shared_negatives: int,
+    rng: np.random.Generator,
+    negative_groups: int = 1,
+    shuffle_block: int = 0,
+    epoch: int = 0,
+    skip: int = 0,
+) -> Iterator[Chunk]:
     """One epoch of shuffled segment batches, ``steps_per_call`` steps at a time.
 
     The kept tokens (after subsampling) are cut into segments of ``segment`` centres whose
@@ -244,11 +263,12 @@ def epoch_chunks(corpus: EncodedCorpus, keep: np.ndarray, cdf: np.ndarray, *, wi
     tok = np.zeros(length + segment + 2 * window, np.int32)
     sen = np.full(tok.shape, PAD_SENTENCE, np.int32)
     win = np.ones(tok.shape, np.int32)
-    tok[window:window + n], sen[window:window + n] = ids, sent
-    win[window:window + n] = sample_windows(n, window, rng)
+    tok[window : window + n], sen[window : window + n] = ids, sent
+    win[window : window + n] = sample_windows(n, window, rng)
     block = shuffle_block if shuffle_block > 0 else n_seg
-    order = np.concatenate([start + rng.permutation(min(block, n_seg - start))
-                            for start in range(0, n_seg, block)])
+    order = np.concatenate(
+        [start + rng.permutation(min(block, n_seg - start)) for start in range(0, n_seg, block)]
+    )
     starts = order * segment
     filler = np.full(n_calls * per_call - n_seg, length, np.int64)
     starts = np.concatenate([starts, filler]).reshape(n_calls, steps_per_call, segments_per_step)
@@ -262,8 +282,13 @@ def epoch_chunks(corpus: EncodedCorpus, keep: np.ndarray, cdf: np.ndarray, *, wi
         if call < skip:
             continue
         real = int(np.count_nonzero(starts[call] < length))
-        yield Chunk(SegmentBatch(tok[ii], sen[ii], tok[oo], sen[oo], win[oo], negs),
-                    real * words_per_segment, epoch, call, n_calls)
+        yield Chunk(
+            SegmentBatch(tok[ii], sen[ii], tok[oo], sen[oo], win[oo], negs),
+            real * words_per_segment,
+            epoch,
+            call,
+            n_calls,
+        )
 
 
 class BatchProducer:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,8 +20,10 @@ WORDSIM353 = "wordsim353.tsv"
 SIMLEX999 = "simlex999.txt"
 ANALOGIES = "questions-words.txt"
 
-NO_GENSIM = ("evaluation skipped: the WordSim-353, SimLex-999 and analogy files come with "
-             "gensim, which is not installed (pip install 'jaxseq[eval]')")
+NO_GENSIM = (
+    "evaluation skipped: the WordSim-353, SimLex-999 and analogy files come with "
+    "gensim, which is not installed (pip install 'jaxseq[eval]')"
+)
 
 
 def gensim_test_data() -> pathlib.Path | None:
@@ -40,7 +43,7 @@ def rankdata(x: np.ndarray) -> np.ndarray:
     # Boundaries of runs of equal values; each run gets the mean of its positions.
     starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
     ends = np.r_[starts[1:], len(x)]
-    avg = (starts + ends + 1) / 2.0          # mean of 1-based ranks start+1 .. end
+    avg = (starts + ends + 1) / 2.0  # mean of 1-based ranks start+1 .. end
     ranks = np.empty(len(x))
     ranks[order] = np.repeat(avg, ends - starts)
     return ranks
@@ -55,15 +58,15 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 class PairScore(NamedTuple):
-    spearman: float      # NaN when fewer than 2 pairs are in the vocabulary
-    oov_rate: float      # fraction of pairs skipped for an unknown word
-    pairs: int           # pairs scored
+    spearman: float  # NaN when fewer than 2 pairs are in the vocabulary
+    oov_rate: float  # fraction of pairs skipped for an unknown word
+    pairs: int  # pairs scored
 
 
 class AnalogyScore(NamedTuple):
-    accuracy: float      # fraction of answerable questions answered right (NaN if none)
-    oov_rate: float      # fraction of questions skipped for an unknown word
-    questions: int       # questions answered
+    accuracy: float  # fraction of answerable questions answered right (NaN if none)
+    oov_rate: float  # fraction of questions skipped for an unknown word
+    questions: int  # questions answered
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -75,7 +78,7 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 def _lower_index(words: Sequence[str], limit: int | None = None) -> dict[str, int]:
     index: dict[str, int] = {}
     for i, w in enumerate(words[:limit] if limit else words):
-        index.setdefault(w.lower(), i)   # the most frequent spelling wins, as in gensim
+        index.setdefault(w.lower(), i)  # the most frequent spelling wins, as in gensim
     return index
 
 
@@ -117,20 +120,29 @@ def read_analogies(path) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def evaluate_analogies(words: Sequence[str], vectors: np.ndarray, path, *,
-                       restrict_vocab: int = 300_000, batch: int = 1024) -> AnalogyScore:
+def evaluate_analogies(
+    words: Sequence[str],
+    vectors: np.ndarray,
+    path,
+    *,
+    restrict_vocab: int = 300_000,
+    batch: int = 1024,
+) -> AnalogyScore:
     """Accuracy of a:b :: c:? answered by argmax cos(x, b - a + c), x not in {a, b, c}."""
     index = _lower_index(words, restrict_vocab)
     unit = _unit(vectors[:restrict_vocab])
     rows = read_analogies(path)
-    known = [(index[a], index[b], index[c], index[d]) for a, b, c, d in rows
-             if a in index and b in index and c in index and d in index]
+    known = [
+        (index[a], index[b], index[c], index[d])
+        for a, b, c, d in rows
+        if a in index and b in index and c in index and d in index
+    ]
     if not known:
         return AnalogyScore(float("nan"), 1.0 if rows else 0.0, 0)
     q = np.asarray(known, np.int64)
     correct = 0
     for start in range(0, len(q), batch):
-        a, b, c, d = q[start:start + batch].T
+        a, b, c, d = q[start : start + batch].T
         sims = (unit[b] - unit[a] + unit[c]) @ unit.T
         rows_ = np.arange(len(a))
         for excluded in (a, b, c):
@@ -145,20 +157,25 @@ class Scores(NamedTuple):
     analogy: AnalogyScore
 
 
-def evaluate(words: Sequence[str], vectors: np.ndarray,
-             data_dir: str | pathlib.Path | None = None) -> Scores | None:
+def evaluate(
+    words: Sequence[str], vectors: np.ndarray, data_dir: str | pathlib.Path | None = None
+) -> Scores | None:
     """All three benchmarks, or None when the data files (gensim) are not available."""
     data_dir = pathlib.Path(data_dir) if data_dir is not None else gensim_test_data()
     if data_dir is None:
         return None
     vectors = np.asarray(vectors, np.float32)
-    return Scores(evaluate_pairs(words, vectors, data_dir / WORDSIM353),
-                  evaluate_pairs(words, vectors, data_dir / SIMLEX999),
-                  evaluate_analogies(words, vectors, data_dir / ANALOGIES))
+    return Scores(
+        evaluate_pairs(words, vectors, data_dir / WORDSIM353),
+        evaluate_pairs(words, vectors, data_dir / SIMLEX999),
+        evaluate_analogies(words, vectors, data_dir / ANALOGIES),
+    )
 
 
 def format_scores(scores: Scores) -> str:
     w, s, a = scores
-    return (f"wordsim353 spearman {w.spearman:.4f} (oov {w.oov_rate:.1%}), "
-            f"simlex999 spearman {s.spearman:.4f} (oov {s.oov_rate:.1%}), "
-            f"analogies {a.accuracy:.2%} of {a.questions} (oov {a.oov_rate:.1%})")
+    return (
+        f"wordsim353 spearman {w.spearman:.4f} (oov {w.oov_rate:.1%}), "
+        f"simlex999 spearman {s.spearman:.4f} (oov {s.oov_rate:.1%}), "
+        f"analogies {a.accuracy:.2%} of {a.questions} (oov {a.oov_rate:.1%})"
+    )

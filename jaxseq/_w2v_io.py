@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -65,7 +65,7 @@ def save_text(path: str | os.PathLike, words: Sequence[str], vectors: np.ndarray
     def write(f):
         f.write(f"{vectors.shape[0]} {vectors.shape[1]}\n".encode())
         for word, row in zip(words, vectors):
-            f.write((word + " " + " ".join("%.9g" % x for x in row.tolist()) + "\n").encode())
+            f.write((word + " " + " ".join(f"{x:.9g}" for x in row.tolist()) + "\n").encode())
 
     _atomic_write(pathlib.Path(path), write)
 
@@ -105,7 +105,7 @@ def load(path: str | os.PathLike, *, binary: bool | None = None) -> tuple[list[s
         if binary:
             pos, width = 0, 4 * dim
             for _ in range(count):
-                while body[pos:pos + 1] in (b"\n", b" "):
+                while body[pos : pos + 1] in (b"\n", b" "):
                     pos += 1
                 space = body.index(b" ", pos)
                 words.append(body[pos:space].decode())
@@ -121,6 +121,7 @@ def load(path: str | os.PathLike, *, binary: bool | None = None) -> tuple[list[s
         if len(words) != count or vectors.shape != (count, dim):
             raise ValueError("truncated")
     except (ValueError, IndexError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not a word2vec {'binary' if binary else 'text'} "
-                         f"vectors file ({e})") from None
+        raise UsageError(
+            f"{path} is not a word2vec {'binary' if binary else 'text'} vectors file ({e})"
+        ) from None
     return words, vectors

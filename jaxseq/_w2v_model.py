@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,29 +39,46 @@ def init_params(key: jax.Array, vocab_size: int, dim: int) -> Word2VecParams:
 class TrainConfig:
     """Hyperparameters of the training algorithm (the CLI adds corpus and output flags)."""
 
-    mode: str = field("skipgram", "skipgram predicts context from centre, cbow the reverse",
-                       choices=MODES)
-    objective: str = field("negative", "negative sampling, or the full softmax over the "
-                            "vocabulary (small vocabularies only)", choices=OBJECTIVES)
+    mode: str = field(
+        "skipgram", "skipgram predicts context from centre, cbow the reverse", choices=MODES
+    )
+    objective: str = field(
+        "negative",
+        "negative sampling, or the full softmax over the vocabulary (small vocabularies only)",
+        choices=OBJECTIVES,
+    )
     dim: int = field(100, "embedding size")
     window: int = field(5, "maximal context window W (each centre's is uniform on 1..W)")
     negative: int = field(5, "negative samples K per pair (per centre for cbow)")
     min_count: int = field(5, "drop words seen fewer times")
     sample: float = field(1e-3, "subsampling threshold for frequent words (0: off)")
     epochs: int = field(5, "passes over the corpus")
-    lr: Optional[float] = field(None, "initial learning rate, decayed linearly to 1e-4 of it "
-                                 "(default: 0.025 skip-gram, 0.05 cbow)")
+    lr: float | None = field(
+        None,
+        "initial learning rate, decayed linearly to 1e-4 of it "
+        "(default: 0.025 skip-gram, 0.05 cbow)",
+    )
     batch: int = field(512, "centre words per step (rounded down to whole segments)")
     segment: int = field(16, "consecutive centre words per segment of a batch")
-    shared_negatives: int = field(16, "negatives M drawn per group of segments, shared by "
-                                   "all the group's pairs and weighted K/M")
-    negative_groups: int = field(16, "groups of segments per step, each with its own shared "
-                                  "negatives (more groups: less weight on each negative row)")
-    dup_limit: float = field(1.6, "caps lr * (pair contributions a row sums in one step); "
-                              "past it the row gets that many times their mean (keeps large "
-                              "batches from diverging)")
-    shuffle_block: int = field(2048, "segments are shuffled within consecutive blocks of "
-                                "this many (0: across the whole epoch)")
+    shared_negatives: int = field(
+        16,
+        "negatives M drawn per group of segments, shared by all the group's pairs and weighted K/M",
+    )
+    negative_groups: int = field(
+        16,
+        "groups of segments per step, each with its own shared "
+        "negatives (more groups: less weight on each negative row)",
+    )
+    dup_limit: float = field(
+        1.6,
+        "caps lr * (pair contributions a row sums in one step); "
+        "past it the row gets that many times their mean (keeps large "
+        "batches from diverging)",
+    )
+    shuffle_block: int = field(
+        2048,
+        "segments are shuffled within consecutive blocks of this many (0: across the whole epoch)",
+    )
     steps_per_call: int = field(16, "train steps fused into one jitted call")
     min_lr_fraction: float = field(1e-4, "final learning rate as a fraction of lr")
     seed: int = field(0, "seed for initialisation and sampling; same seed, same vectors")
@@ -85,10 +102,21 @@ class TrainConfig:
         if self.mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.objective not in OBJECTIVES:
-            raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, "
-                             f"got {self.objective!r}")
-        for name in ("dim", "window", "negative", "min_count", "epochs", "batch", "segment",
-                     "shared_negatives", "negative_groups", "steps_per_call"):
+            raise UsageError(
+                f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
+        for name in (
+            "dim",
+            "window",
+            "negative",
+            "min_count",
+            "epochs",
+            "batch",
+            "segment",
+            "shared_negatives",
+            "negative_groups",
+            "steps_per_call",
+        ):
             value = getattr(self, name)
             if value <= 0:
                 raise UsageError(f"{name} must be positive, got {value}")
@@ -107,6 +135,7 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- objectives
 # Each loss is a pure function of the rows gathered for one step. It is the *sum* over the
 # step's pairs (not the mean), so that jax.grad gives each pair word2vec's own update size.
+
 
 def skipgram_negative_loss(in_rows, out_rows, neg_rows, mask, num_negative: int):
     """Skip-gram with negative sampling, each group's negatives shared by all its pairs.
@@ -238,13 +267,14 @@ def skipgram_negative_grads(in_rows, out_rows, neg_rows, mask, num_negative: int
     """
     groups, m, dim = neg_rows.shape
     scores = jnp.einsum("bcd,bjd->bcj", out_rows, in_rows)
-    pos = jnp.where(mask, jax.nn.sigmoid(-scores), 0.0)               # -dL/dscore
+    pos = jnp.where(mask, jax.nn.sigmoid(-scores), 0.0)  # -dL/dscore
     g_out = -jnp.einsum("bcj,bjd->bcd", pos, in_rows)
     g_in = -jnp.einsum("bjc,bcd->bjd", _t(pos), out_rows)
     weight = jnp.sum(mask, axis=1).astype(in_rows.dtype) * (num_negative / m)
     grouped = in_rows.reshape(groups, -1, dim)
-    neg = (weight.reshape(groups, -1, 1)
-           * jax.nn.sigmoid(jnp.einsum("gnd,gmd->gnm", grouped, neg_rows)))  # dL/dneg_score
+    neg = weight.reshape(groups, -1, 1) * jax.nn.sigmoid(
+        jnp.einsum("gnd,gmd->gnm", grouped, neg_rows)
+    )  # dL/dneg_score
     g_in = g_in + jnp.einsum("gnm,gmd->gnd", neg, neg_rows).reshape(in_rows.shape)
     g_neg = jnp.einsum("gmn,gnd->gmd", _t(neg), grouped)
     return g_in, g_out, g_neg
@@ -257,8 +287,9 @@ def cbow_negative_grads(hidden, out_rows, neg_rows, valid, num_negative: int):
     grouped = hidden.reshape(groups, -1, dim)
     scale = valid.reshape(groups, -1, 1).astype(hidden.dtype) * (num_negative / m)
     neg = scale * jax.nn.sigmoid(jnp.einsum("gnd,gmd->gnm", grouped, neg_rows))
-    g_hidden = (-pos[..., None] * out_rows
-                + jnp.einsum("gnm,gmd->gnd", neg, neg_rows).reshape(hidden.shape))
+    g_hidden = -pos[..., None] * out_rows + jnp.einsum("gnm,gmd->gnd", neg, neg_rows).reshape(
+        hidden.shape
+    )
     g_out = -pos[..., None] * hidden
     g_neg = jnp.einsum("gmn,gnd->gmd", _t(neg), grouped)
     return g_hidden, g_out, g_neg
@@ -276,21 +307,27 @@ def step_loss(config: TrainConfig, params: Word2VecParams, batch: SegmentBatch) 
         if config.objective == "softmax":
             loss = cbow_softmax_loss(hidden, batch.out_ids, w_out, valid)
         else:
-            loss = cbow_negative_loss(hidden, w_out[batch.out_ids], w_out[batch.neg_ids],
-                                      valid, config.negative)
+            loss = cbow_negative_loss(
+                hidden, w_out[batch.out_ids], w_out[batch.neg_ids], valid, config.negative
+            )
     else:
         n = jnp.sum(mask)
         if config.objective == "softmax":
             loss = skipgram_softmax_loss(in_rows, batch.out_ids, w_out, mask)
         else:
-            loss = skipgram_negative_loss(in_rows, w_out[batch.out_ids], w_out[batch.neg_ids],
-                                          mask, config.negative)
+            loss = skipgram_negative_loss(
+                in_rows, w_out[batch.out_ids], w_out[batch.neg_ids], mask, config.negative
+            )
     return loss / jnp.maximum(n, 1)
 
 
-def train_step(config: TrainConfig, optimizer: optax.GradientTransformation,
-               state: TrainState, batch: SegmentBatch,
-               gather_updates: Optional[Any] = None) -> TrainState:
+def train_step(
+    config: TrainConfig,
+    optimizer: optax.GradientTransformation,
+    state: TrainState,
+    batch: SegmentBatch,
+    gather_updates: Any | None = None,
+) -> TrainState:
     """One sparse SGD step: gather rows, take the loss gradient w.r.t. them, scatter back.
 
     Only the rows a step touches are read and written: the gradient w.r.t. the gathered
@@ -312,6 +349,7 @@ def train_step(config: TrainConfig, optimizer: optax.GradientTransformation,
     Returns:
       The new state.
     """
+
     def scatter_add(table, rows, updates):
         if gather_updates is not None:
             rows = jax.lax.with_sharding_constraint(rows, gather_updates)
@@ -326,8 +364,7 @@ def train_step(config: TrainConfig, optimizer: optax.GradientTransformation,
     mask_f = mask.astype(jnp.float32)
     in_ids = batch.in_ids.reshape(-1)
     in_rows = w_in.at[batch.in_ids].get(mode="promise_in_bounds")
-    in_scale = _row_scale(in_ids, jnp.sum(mask_f, axis=1).reshape(-1), vocab_size,
-                          config.dup_cap)
+    in_scale = _row_scale(in_ids, jnp.sum(mask_f, axis=1).reshape(-1), vocab_size, config.dup_cap)
     cbow = config.mode == "cbow"
     if cbow:
         hidden, count = cbow_hidden(in_rows, mask)
@@ -339,11 +376,13 @@ def train_step(config: TrainConfig, optimizer: optax.GradientTransformation,
     if config.objective == "softmax":
         if cbow:
             g_h, g_out = jax.grad(cbow_softmax_loss, argnums=(0, 2))(
-                hidden, batch.out_ids, w_out, valid)
+                hidden, batch.out_ids, w_out, valid
+            )
             g_in = to_inputs(g_h)
         else:
             g_in, g_out = jax.grad(skipgram_softmax_loss, argnums=(0, 2))(
-                in_rows, batch.out_ids, w_out, mask)
+                in_rows, batch.out_ids, w_out, mask
+            )
         g_in = g_in.reshape(-1, dim) * in_scale[:, None]
         (u_in, u_out), opt_state = optimizer.update((g_in, g_out), opt_state)
         w_in = scatter_add(w_in, in_ids, u_in)
@@ -363,8 +402,9 @@ def train_step(config: TrainConfig, optimizer: optax.GradientTransformation,
     # Every negative of a group stands for (pairs in the group) * K / M pair-negatives.
     neg_weight = jnp.sum(centre_weight.reshape(groups, -1), axis=1, keepdims=True) * k / m
     rows_out = jnp.concatenate([out_ids, batch.neg_ids.reshape(-1)])
-    weights_out = jnp.concatenate([centre_weight,
-                                   jnp.broadcast_to(neg_weight, (groups, m)).reshape(-1)])
+    weights_out = jnp.concatenate(
+        [centre_weight, jnp.broadcast_to(neg_weight, (groups, m)).reshape(-1)]
+    )
     out_scale = _row_scale(rows_out, weights_out, vocab_size, config.dup_cap)
     g_in = g_in.reshape(-1, dim) * in_scale[:, None]
     g_out = jnp.concatenate([g_out.reshape(-1, dim), g_neg.reshape(-1, dim)]) * out_scale[:, None]
@@ -374,9 +414,14 @@ def train_step(config: TrainConfig, optimizer: optax.GradientTransformation,
     return TrainState(Word2VecParams(w_in, w_out), opt_state)
 
 
-def make_chunk_fn(config: TrainConfig, optimizer: optax.GradientTransformation, *,
-                  with_loss: bool = True, state_sharding: Any = None,
-                  gather_updates: bool = True):
+def make_chunk_fn(
+    config: TrainConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    with_loss: bool = True,
+    state_sharding: Any = None,
+    gather_updates: bool = True,
+):
     """Jitted ``(state, stacked batches) -> (state, loss)``: a ``lax.scan`` of train steps.
 
     The loss is ``step_loss`` of the first batch, after the updates (cheaper than every
@@ -408,5 +453,8 @@ def make_chunk_fn(config: TrainConfig, optimizer: optax.GradientTransformation, 
         return jax.jit(run_chunk, donate_argnums=0)
     mesh = jax.tree.leaves(state_sharding)[0].mesh
     loss_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(run_chunk, donate_argnums=0,
-                   out_shardings=(state_sharding, loss_sharding if with_loss else None))
+    return jax.jit(
+        run_chunk,
+        donate_argnums=0,
+        out_shardings=(state_sharding, loss_sharding if with_loss else None),
+    )

@@ -21,7 +21,8 @@ race that train models are in ``experiments/_race.py``):
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -170,32 +171,50 @@ def gate_product_norms(cell: Cell, params: Params, xs: Array, *, burn_in: int = 
       ``(K, B)``; row ``k`` is ``k`` steps before the last (row 0 is ``√H``).
     """
     if cell.coefficients is None:
-        raise ValueError(f"the {cell.name!r} cell is not linear in its carry "
-                         f"(cell.coefficients is None)")
+        raise ValueError(
+            f"the {cell.name!r} cell is not linear in its carry (cell.coefficients is None)"
+        )
     a, _ = cell.coefficients(params, cell.project(params, xs[burn_in:]))  # (K, B, H)
     products = jnp.cumprod(a[::-1], axis=0)[:-1]  # row k-1: a_T * ... * a_{T-k+1}
     products = jnp.concatenate([jnp.ones_like(a[:1]), products], axis=0)
     return jnp.sqrt(jnp.sum(jnp.square(products), axis=-1))
 
 
-@functools.partial(jax.jit, static_argnames=("cell", "burn_in", "input_mode", "vocab_size",
-                                             "jacobian_examples"))
-def _char_lm_profile(cell, rnn_params, embed, w_out, b_out, tokens, *, burn_in, input_mode,
-                     vocab_size, jacobian_examples):
+@functools.partial(
+    jax.jit, static_argnames=("cell", "burn_in", "input_mode", "vocab_size", "jacobian_examples")
+)
+def _char_lm_profile(
+    cell,
+    rnn_params,
+    embed,
+    w_out,
+    b_out,
+    tokens,
+    *,
+    burn_in,
+    input_mode,
+    vocab_size,
+    jacobian_examples,
+):
     inputs = tokens[:-1]
-    xs = (embed[inputs] if input_mode == "embedding"
-          else jax.nn.one_hot(inputs, vocab_size, dtype=w_out.dtype))
+    xs = (
+        embed[inputs]
+        if input_mode == "embedding"
+        else jax.nn.one_hot(inputs, vocab_size, dtype=w_out.dtype)
+    )
     readout = lambda h: h @ w_out + b_out
     profile = loss_state_gradients(cell, rnn_params, xs, tokens[-1], readout, burn_in=burn_in)
     out = {"state": profile.state, "hidden": profile.hidden}
     if jacobian_examples:
-        out["jacobian"] = state_jacobian_norms(cell, rnn_params, xs[:, :jacobian_examples],
-                                               burn_in=burn_in)
+        out["jacobian"] = state_jacobian_norms(
+            cell, rnn_params, xs[:, :jacobian_examples], burn_in=burn_in
+        )
     return out
 
 
-def char_lm_gradients(model: CharLM, params, tokens: Array, *, burn_in: int = 0,
-                      jacobian_examples: int = 0) -> dict[str, np.ndarray]:
+def char_lm_gradients(
+    model: CharLM, params, tokens: Array, *, burn_in: int = 0, jacobian_examples: int = 0
+) -> dict[str, np.ndarray]:
     """Both measurements on a one-layer char LM, computed in float64.
 
     Float64 because a tanh RNN's gradient 200 steps back can lie below float32's smallest
@@ -223,10 +242,18 @@ def char_lm_gradients(model: CharLM, params, tokens: Array, *, burn_in: int = 0,
     jacobian_examples = min(jacobian_examples, tokens.shape[1])
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-        out = _char_lm_profile(model.network.cell, p64.rnn[0], p64.embed, p64.w_out, p64.b_out,
-                               jnp.asarray(tokens), burn_in=burn_in,
-                               input_mode=model.input_mode, vocab_size=model.vocab_size,
-                               jacobian_examples=jacobian_examples)
+        out = _char_lm_profile(
+            model.network.cell,
+            p64.rnn[0],
+            p64.embed,
+            p64.w_out,
+            p64.b_out,
+            jnp.asarray(tokens),
+            burn_in=burn_in,
+            input_mode=model.input_mode,
+            vocab_size=model.vocab_size,
+            jacobian_examples=jacobian_examples,
+        )
         return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -235,10 +262,10 @@ def text_windows(ids: np.ndarray, length: int, count: int, seed: int) -> np.ndar
     if len(ids) < length:
         raise UsageError(f"text too short: {len(ids)} characters, a window needs {length}")
     starts = np.random.default_rng(seed).integers(0, len(ids) - length + 1, size=count)
-    return np.stack([ids[s:s + length] for s in starts], axis=1).astype(np.int32)
+    return np.stack([ids[s : s + length] for s in starts], axis=1).astype(np.int32)
 
 
-def steps_to_fall(norms: np.ndarray, factor: float) -> Optional[int]:
+def steps_to_fall(norms: np.ndarray, factor: float) -> int | None:
     """The first ``k`` at which the profile ``norms: (K,)`` is below ``norms[0] / factor``."""
     below = np.nonzero(norms < norms[0] / factor)[0]
     return int(below[0]) if len(below) else None

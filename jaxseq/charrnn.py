@@ -14,7 +14,8 @@ import dataclasses
 import math
 import os
 import pathlib
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,29 +31,41 @@ from jaxseq.data import CharVocab, train_val_split
 from jaxseq.errors import UsageError
 from jaxseq.models import CharLM, char_lm, cross_entropy
 
+
 @dataclasses.dataclass(frozen=True)
 class CharRNNConfig:
     """Every setting of a char-RNN run (each one is a command-line flag)."""
 
-    cell: str = field("gru", "recurrent cell (mingru, minlstm: Feng et al. 2024, no "
-                      "recurrent matrix)", choices=tuple(CELLS))
+    cell: str = field(
+        "gru",
+        "recurrent cell (mingru, minlstm: Feng et al. 2024, no recurrent matrix)",
+        choices=tuple(CELLS),
+    )
     layers: int = field(2, "number of stacked recurrent layers")
     hidden: int = field(256, "units per layer")
     embed: int = field(64, "character embedding width")
-    input: str = field("embedding", "feed learned embeddings or one-hot vectors",
-                    choices=("embedding", "onehot"))
+    input: str = field(
+        "embedding", "feed learned embeddings or one-hot vectors", choices=("embedding", "onehot")
+    )
     dropout: float = field(0.0, "dropout rate on embeddings, between and after layers")
-    dtype: str = field("float32", "compute dtype (bfloat16: mixed precision, f32 params)",
-                    choices=("float32", "bfloat16"))
+    dtype: str = field(
+        "float32",
+        "compute dtype (bfloat16: mixed precision, f32 params)",
+        choices=("float32", "bfloat16"),
+    )
     steps: int = field(1500, "training steps")
     batch: int = field(64, "sequences per batch")
     seq: int = field(100, "characters per truncated-BPTT window")
-    windows: str = field("sequential", "sequential: hidden state carries across consecutive "
-                      "windows of each batch row (char-rnn); random: random windows, zero state",
-                      choices=("sequential", "random"))
+    windows: str = field(
+        "sequential",
+        "sequential: hidden state carries across consecutive "
+        "windows of each batch row (char-rnn); random: random windows, zero state",
+        choices=("sequential", "random"),
+    )
     lr: float = field(3e-3, "peak learning rate (Adam)")
-    schedule: str = field("cosine", "learning-rate schedule after warm-up",
-                       choices=("cosine", "constant"))
+    schedule: str = field(
+        "cosine", "learning-rate schedule after warm-up", choices=("cosine", "constant")
+    )
     warmup: int = field(100, "linear warm-up steps")
     clip: float = field(5.0, "clip gradients to this global norm (0: off)")
     seed: int = field(0, "random seed (initialisation, dropout, random windows)")
@@ -60,15 +73,31 @@ class CharRNNConfig:
     save_every: int = field(500, "steps between checkpoints")
     log_every: int = field(50, "steps between metrics.jsonl lines")
     sample_length: int = field(200, "characters of the sample printed at each evaluation")
-    nan_policy: str = field("stop", "on a non-finite loss or gradient: stop (keep the last good "
-                         "checkpoint) or skip the step", choices=("stop", "skip"))
+    nan_policy: str = field(
+        "stop",
+        "on a non-finite loss or gradient: stop (keep the last good checkpoint) or skip the step",
+        choices=("stop", "skip"),
+    )
     train_fraction: float = field(0.9, "leading fraction of the corpus used for training")
-    impl: str = field("auto", "which implementation of the recurrent layers runs (see "
-                      "jaxseq.unroll; associative: mingru and minlstm only)", choices=IMPLS)
+    impl: str = field(
+        "auto",
+        "which implementation of the recurrent layers runs (see "
+        "jaxseq.unroll; associative: mingru and minlstm only)",
+        choices=IMPLS,
+    )
 
     def validate(self) -> None:
-        positive = ("layers", "hidden", "embed", "steps", "batch", "seq", "eval_every",
-                    "save_every", "log_every")
+        positive = (
+            "layers",
+            "hidden",
+            "embed",
+            "steps",
+            "batch",
+            "seq",
+            "eval_every",
+            "save_every",
+            "log_every",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
@@ -80,14 +109,20 @@ class CharRNNConfig:
             raise UsageError(f"lr must be positive, got {self.lr}")
         if not 0.0 < self.train_fraction < 1.0:
             raise UsageError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
-        choices = {"cell": tuple(CELLS), "input": ("embedding", "onehot"),
-                   "dtype": ("float32", "bfloat16"), "windows": ("sequential", "random"),
-                   "schedule": ("cosine", "constant"), "nan_policy": ("stop", "skip"),
-                   "impl": IMPLS}
+        choices = {
+            "cell": tuple(CELLS),
+            "input": ("embedding", "onehot"),
+            "dtype": ("float32", "bfloat16"),
+            "windows": ("sequential", "random"),
+            "schedule": ("cosine", "constant"),
+            "nan_policy": ("stop", "skip"),
+            "impl": IMPLS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise UsageError(f"{name} must be one of {', '.join(allowed)}, "
-                                 f"got {getattr(self, name)!r}")
+                raise UsageError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
 
     def model_fields(self) -> dict:
         """The settings that fix the parameter shapes (a resume must keep them)."""
@@ -108,33 +143,43 @@ class Corpus(NamedTuple):
     val: np.ndarray  # (N_val,) int32
 
 
-def prepare_corpus(text: str, config: CharRNNConfig, vocab: Optional[CharVocab] = None) -> Corpus:
+def prepare_corpus(text: str, config: CharRNNConfig, vocab: CharVocab | None = None) -> Corpus:
     """Encodes the text and splits it; checks that it holds at least one batch of windows."""
     vocab = vocab or CharVocab.from_text(text)
     ids = vocab.encode(text)
     train, val = train_val_split(ids, config.train_fraction)
     need = config.batch * (config.seq + 1) if config.windows == "sequential" else config.seq + 1
     if len(train) < need:
-        raise UsageError(f"corpus too short: the training split has {len(train)} characters, "
-                         f"batch {config.batch} x (seq {config.seq} + 1) needs {need}; "
-                         f"use a longer text or a smaller batch or seq")
+        raise UsageError(
+            f"corpus too short: the training split has {len(train)} characters, "
+            f"batch {config.batch} x (seq {config.seq} + 1) needs {need}; "
+            f"use a longer text or a smaller batch or seq"
+        )
     if len(val) < 2:
         raise UsageError(f"corpus too short: the validation split has {len(val)} characters")
     return Corpus(vocab, train, val)
 
 
 def build_model(config: CharRNNConfig, vocab_size: int) -> CharLM:
-    return char_lm(vocab_size, cell=config.cell, hidden=config.hidden, layers=config.layers,
-                   embed=config.embed, dropout=config.dropout, input_mode=config.input,
-                   compute_dtype=jnp.dtype(config.dtype))
+    return char_lm(
+        vocab_size,
+        cell=config.cell,
+        hidden=config.hidden,
+        layers=config.layers,
+        embed=config.embed,
+        dropout=config.dropout,
+        input_mode=config.input,
+        compute_dtype=jnp.dtype(config.dtype),
+    )
 
 
 def learning_rate(config: CharRNNConfig) -> optax.Schedule:
     if config.schedule == "constant":
         decay = optax.constant_schedule(config.lr)
     else:
-        decay = optax.cosine_decay_schedule(config.lr, max(1, config.steps - config.warmup),
-                                            alpha=0.05)
+        decay = optax.cosine_decay_schedule(
+            config.lr, max(1, config.steps - config.warmup), alpha=0.05
+        )
     if config.warmup == 0:
         return decay
     warm = optax.linear_schedule(config.lr / config.warmup, config.lr, config.warmup)
@@ -161,11 +206,14 @@ def init_state(config: CharRNNConfig, model: CharLM, optimizer) -> TrainState:
 
 # --------------------------------------------------------------------------- batches
 
+
 def windows_per_epoch(config: CharRNNConfig, n_train: int) -> int:
     return (n_train // config.batch - 1) // config.seq
 
 
-def batch_at(config: CharRNNConfig, train: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def batch_at(
+    config: CharRNNConfig, train: np.ndarray, step: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """The (inputs, targets, reset) of a step, both ``(T, B)`` int32; a pure function of step.
 
     Sequential: the training text is cut into ``B`` contiguous streams and step ``s`` reads
@@ -178,7 +226,7 @@ def batch_at(config: CharRNNConfig, train: np.ndarray, step: int) -> tuple[np.nd
         length = len(train) // B
         streams = train[: B * length].reshape(B, length)
         w = step % windows_per_epoch(config, len(train))
-        chunk = streams[:, w * T: w * T + T + 1]
+        chunk = streams[:, w * T : w * T + T + 1]
         return chunk[:, :-1].T.copy(), chunk[:, 1:].T.copy(), w == 0
     rng = np.random.default_rng([config.seed, step])
     starts = rng.integers(0, len(train) - T, size=B)
@@ -189,8 +237,10 @@ def batch_at(config: CharRNNConfig, train: np.ndarray, step: int) -> tuple[np.nd
 
 # --------------------------------------------------------------------------- steps
 
-def make_train_step(model: CharLM, optimizer, config: CharRNNConfig, *, impl: str = "auto",
-                    mesh: Any = None) -> Callable:
+
+def make_train_step(
+    model: CharLM, optimizer, config: CharRNNConfig, *, impl: str = "auto", mesh: Any = None
+) -> Callable:
     """The jitted ``(state, inputs, targets, reset) -> (state, metrics)``.
 
     Args:
@@ -206,16 +256,21 @@ def make_train_step(model: CharLM, optimizer, config: CharRNNConfig, *, impl: st
     """
 
     def loss_fn(params, carry, inputs, targets, dropout_key):
-        carry, logits = model.apply(params, carry, inputs, dropout_key=dropout_key, impl=impl,
-                                    mesh=mesh)
+        carry, logits = model.apply(
+            params, carry, inputs, dropout_key=dropout_key, impl=impl, mesh=mesh
+        )
         return cross_entropy(logits, targets).mean(), carry
 
     def train_step(state: TrainState, inputs, targets, reset):
         carry = jax.tree.map(lambda c: jnp.where(reset, jnp.zeros_like(c), c), state.carry)
-        dropout_key = (jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-                       if config.dropout > 0 else None)
+        dropout_key = (
+            jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+            if config.dropout > 0
+            else None
+        )
         (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, carry, inputs, targets, dropout_key)
+            state.params, carry, inputs, targets, dropout_key
+        )
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -241,11 +296,13 @@ def shard_state(mesh, state: TrainState) -> tuple[TrainState, Callable]:
     """``state`` placed for data parallelism over ``mesh`` (parameters, optimizer state, step
     and key replicated; the carried hidden state split by batch row), and the function that
     places a ``(T, B)`` batch of tokens likewise."""
-    state = TrainState(params=parallel.replicate(mesh, state.params),
-                       opt_state=parallel.replicate(mesh, state.opt_state),
-                       carry=parallel.shard_tree(mesh, state.carry, axis=0),
-                       step=parallel.replicate(mesh, state.step),
-                       key=parallel.replicate(mesh, state.key))
+    state = TrainState(
+        params=parallel.replicate(mesh, state.params),
+        opt_state=parallel.replicate(mesh, state.opt_state),
+        carry=parallel.shard_tree(mesh, state.carry, axis=0),
+        step=parallel.replicate(mesh, state.step),
+        key=parallel.replicate(mesh, state.key),
+    )
     return state, lambda a: parallel.shard_batch(mesh, a, axis=1)
 
 
@@ -274,13 +331,14 @@ def make_evaluator(model: CharLM, val: np.ndarray, *, seq: int, streams: int = 3
             x, y, m = batch
             carry, logits = model.apply(params, carry, x)
             return carry, (cross_entropy(logits, y) * m).sum()
+
         _, sums = jax.lax.scan(body, model.initial_carry((streams,)), (xs, ys, ms))
         return sums.sum() / n
 
     return evaluate
 
 
-def data_parallel_mesh(config: CharRNNConfig, devices: Optional[int] = None) -> Any:
+def data_parallel_mesh(config: CharRNNConfig, devices: int | None = None) -> Any:
     """The data-parallel mesh of a run over ``devices`` (None: every device, across
     processes), or None when one device runs it all.
 
@@ -303,11 +361,18 @@ def data_parallel_mesh(config: CharRNNConfig, devices: Optional[int] = None) -> 
 CHECKPOINT_KIND = "jaxseq.charrnn"
 
 
-def checkpoint_meta(config: CharRNNConfig, vocab: CharVocab, step: int,
-                    extra: dict | None = None) -> dict:
+def checkpoint_meta(
+    config: CharRNNConfig, vocab: CharVocab, step: int, extra: dict | None = None
+) -> dict:
     """The JSON metadata saved beside a char-RNN state: config, vocabulary and position."""
-    return {"kind": CHECKPOINT_KIND, "config": dataclasses.asdict(config), "vocab": vocab.chars,
-            "step": step, "data_position": step, **(extra or {})}
+    return {
+        "kind": CHECKPOINT_KIND,
+        "config": dataclasses.asdict(config),
+        "vocab": vocab.chars,
+        "step": step,
+        "data_position": step,
+        **(extra or {}),
+    }
 
 
 def resume_vocab(meta: dict, config: CharRNNConfig, text: str) -> CharVocab:
@@ -326,16 +391,23 @@ def resume_vocab(meta: dict, config: CharRNNConfig, text: str) -> CharVocab:
         raise UsageError("cannot resume: the checkpoint is not a char-RNN checkpoint")
     saved = config_from_dict(meta["config"])
     names = (*config.model_fields(), "batch")
-    diff = [(k, getattr(saved, k), getattr(config, k)) for k in names
-            if getattr(saved, k) != getattr(config, k)]
+    diff = [
+        (k, getattr(saved, k), getattr(config, k))
+        for k in names
+        if getattr(saved, k) != getattr(config, k)
+    ]
     if diff:
-        raise UsageError("cannot resume: the checkpoint was trained with "
-                         + ", ".join(f"{k}={a} (now {b})" for k, a, b in diff))
+        raise UsageError(
+            "cannot resume: the checkpoint was trained with "
+            + ", ".join(f"{k}={a} (now {b})" for k, a, b in diff)
+        )
     vocab = CharVocab(meta["vocab"])
     unknown = sorted(set(text) - set(vocab.chars))
     if unknown:
-        raise UsageError(f"cannot resume: the corpus has characters the checkpoint's vocabulary "
-                         f"lacks ({', '.join(map(repr, unknown[:5]))}); another corpus?")
+        raise UsageError(
+            f"cannot resume: the corpus has characters the checkpoint's vocabulary "
+            f"lacks ({', '.join(map(repr, unknown[:5]))}); another corpus?"
+        )
     return vocab
 
 

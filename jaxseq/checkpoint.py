@@ -86,9 +86,14 @@ def save(directory: str | os.PathLike, tree: Any, meta: dict) -> pathlib.Path:
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
-    record = dict(meta, format_version=FORMAT_VERSION, num_leaves=len(leaves),
-                  checksum=_digest(leaves), dtypes=[str(leaf.dtype) for leaf in leaves],
-                  paths=_paths(tree))
+    record = dict(
+        meta,
+        format_version=FORMAT_VERSION,
+        num_leaves=len(leaves),
+        checksum=_digest(leaves),
+        dtypes=[str(leaf.dtype) for leaf in leaves],
+        paths=_paths(tree),
+    )
     arrays = {f"leaf_{i:05d}": _portable(leaf) for i, leaf in enumerate(leaves)}
     arrays["meta"] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
@@ -115,14 +120,29 @@ def _read(path: pathlib.Path) -> tuple[dict, list[np.ndarray]]:
             meta = json.loads(bytes(z["meta"]).decode())
             leaves = [z[f"leaf_{i:05d}"] for i in range(meta["num_leaves"])]
             dtypes = meta.get("dtypes") or [str(a.dtype) for a in leaves]
-            leaves = [a if str(a.dtype) == d else a.view(jax.numpy.dtype(d))
-                      for a, d in zip(leaves, dtypes)]
-    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, EOFError, OSError,
-            json.JSONDecodeError, UnicodeDecodeError, zipfile.LargeZipFile) as e:
-        raise UsageError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__})") from None
+            leaves = [
+                a if str(a.dtype) == d else a.view(jax.numpy.dtype(d))
+                for a, d in zip(leaves, dtypes)
+            ]
+    except (
+        zipfile.BadZipFile,
+        KeyError,
+        ValueError,
+        TypeError,
+        EOFError,
+        OSError,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        zipfile.LargeZipFile,
+    ) as e:
+        raise UsageError(
+            f"checkpoint {path} is corrupt or truncated ({type(e).__name__})"
+        ) from None
     if meta.get("format_version") not in READABLE_VERSIONS:
-        raise UsageError(f"checkpoint {path} has format version {meta.get('format_version')}, "
-                         f"this jaxseq reads versions {READABLE_VERSIONS}")
+        raise UsageError(
+            f"checkpoint {path} has format version {meta.get('format_version')}, "
+            f"this jaxseq reads versions {READABLE_VERSIONS}"
+        )
     if _digest(leaves) != meta.get("checksum"):
         raise UsageError(f"checkpoint {path} is corrupt (checksum mismatch)")
     return meta, leaves
@@ -158,19 +178,23 @@ def _by_path(path: pathlib.Path, meta: dict, leaves: list, want: list[str]) -> l
     stored = meta.get("paths")
     if stored is None:  # format 1: by position
         if len(want) != len(leaves):
-            raise UsageError(f"checkpoint {path} holds {len(leaves)} arrays, this "
-                             f"configuration needs {len(want)}: it was saved with another model")
+            raise UsageError(
+                f"checkpoint {path} holds {len(leaves)} arrays, this "
+                f"configuration needs {len(want)}: it was saved with another model"
+            )
         return leaves
     index = dict(zip(stored, leaves))
     missing = [p for p in want if p not in index]
     extra = sorted(set(stored) - set(want))
     if missing or extra:
-        raise UsageError(f"checkpoint {path} was saved with another model: "
-                         + "; ".join(f"{label} {', '.join(names[:3])}"
-                                     + (" ..." if len(names) > 3 else "")
-                                     for label, names in (("it lacks", missing),
-                                                          ("this configuration has no", extra))
-                                     if names))
+        raise UsageError(
+            f"checkpoint {path} was saved with another model: "
+            + "; ".join(
+                f"{label} {', '.join(names[:3])}" + (" ..." if len(names) > 3 else "")
+                for label, names in (("it lacks", missing), ("this configuration has no", extra))
+                if names
+            )
+        )
     return [index[p] for p in want]
 
 
@@ -189,7 +213,9 @@ def load(path: str | os.PathLike, template: Any) -> tuple[Any, dict]:
     for name, want, got in zip(names, t_leaves, leaves):
         want = np.asarray(want) if not hasattr(want, "shape") else want
         if tuple(want.shape) != got.shape or np.dtype(want.dtype) != got.dtype:
-            raise UsageError(f"checkpoint {path} does not match this configuration (array "
-                             f"{name or 'root'}: {got.shape} {got.dtype}, expected "
-                             f"{tuple(want.shape)} {want.dtype})")
+            raise UsageError(
+                f"checkpoint {path} does not match this configuration (array "
+                f"{name or 'root'}: {got.shape} {got.dtype}, expected "
+                f"{tuple(want.shape)} {want.dtype})"
+            )
     return jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in leaves]), meta

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def field(default: Any, help: str, *, choices: Sequence[Any] | None = None, **kw: Any) -> Any:

@@ -123,6 +123,7 @@ def load_corpus(path: str | os.PathLike | None = None) -> str:
 
 # --------------------------------------------------------------------------- characters
 
+
 class CharVocab:
     """A character vocabulary: one entry per distinct Unicode code point of the corpus.
 
@@ -136,7 +137,7 @@ class CharVocab:
         self.index = {c: i for i, c in enumerate(self.chars)}
 
     @classmethod
-    def from_text(cls, text: str) -> "CharVocab":
+    def from_text(cls, text: str) -> CharVocab:
         return cls(sorted(set(text)))
 
     @property
@@ -149,6 +150,7 @@ class CharVocab:
     def encode(self, text: str):
         """``str -> (len,) int32``; a UsageError names characters outside the vocabulary."""
         import numpy as np
+
         missing = sorted({c for c in text if c not in self.index})
         if missing:
             shown = ", ".join(repr(c) for c in missing[:10])

@@ -63,16 +63,23 @@ class Cell(nnx.RNNCellBase):
       impl: ``unroll``'s default implementation (``"auto"``, ``"scan"``, ``"fused"``, ...).
     """
 
-    def __init__(self, cell: _FunctionalCell, in_features: int, *,
-                 rngs: nnx.Rngs | None = None, params: Any = None,
-                 carry_dtype=jnp.float32, impl: str = "auto"):
+    def __init__(
+        self,
+        cell: _FunctionalCell,
+        in_features: int,
+        *,
+        rngs: nnx.Rngs | None = None,
+        params: Any = None,
+        carry_dtype=jnp.float32,
+        impl: str = "auto",
+    ):
         """Args:
-          cell: the jaxseq cell.
-          in_features: F, the input width.
-          rngs: draws the initial params (its ``params`` stream) when ``params`` is None.
-          params: existing params of ``cell`` to hold instead (e.g. from a converter).
-          carry_dtype: dtype of the zero carry.
-          impl: default ``impl`` of ``unroll``.
+        cell: the jaxseq cell.
+        in_features: F, the input width.
+        rngs: draws the initial params (its ``params`` stream) when ``params`` is None.
+        params: existing params of ``cell`` to hold instead (e.g. from a converter).
+        carry_dtype: dtype of the zero carry.
+        impl: default ``impl`` of ``unroll``.
         """
         if params is None:
             if rngs is None:
@@ -89,9 +96,12 @@ class Cell(nnx.RNNCellBase):
     @property
     def params(self):
         """The jaxseq params (``GRUParams`` ...) that the ``nnx.Param`` s hold."""
-        return self.param_type(**{
-            name: None if getattr(self, name) is None else getattr(self, name)[...]
-            for name in self.param_type._fields})
+        return self.param_type(
+            **{
+                name: None if getattr(self, name) is None else getattr(self, name)[...]
+                for name in self.param_type._fields
+            }
+        )
 
     def __call__(self, carry, x: Array):
         """One step: ``(carry, x: (*batch, F)) -> (carry, y: (*batch, H))``."""
@@ -104,8 +114,13 @@ class Cell(nnx.RNNCellBase):
         batch = tuple(input_shape[:-1])
         carry = self.cell.initial_carry(batch, self.carry_dtype)
         if carry_init is not None:
-            key = (rngs.carry() if isinstance(rngs, nnx.Rngs) else
-                   rngs() if rngs is not None else jax.random.key(0))
+            key = (
+                rngs.carry()
+                if isinstance(rngs, nnx.Rngs)
+                else rngs()
+                if rngs is not None
+                else jax.random.key(0)
+            )
             carry = jax.tree.map(lambda z: carry_init(key, z.shape, z.dtype), carry)
         return carry
 
@@ -113,8 +128,15 @@ class Cell(nnx.RNNCellBase):
     def num_feature_axes(self) -> int:
         return 1
 
-    def unroll(self, xs: Array, carry=None, *, reverse: bool = False,
-               seq_lengths: Array | None = None, impl: str | None = None):
+    def unroll(
+        self,
+        xs: Array,
+        carry=None,
+        *,
+        reverse: bool = False,
+        seq_lengths: Array | None = None,
+        impl: str | None = None,
+    ):
         """``jaxseq.unroll`` over a time-major sequence.
 
         Args:
@@ -128,8 +150,15 @@ class Cell(nnx.RNNCellBase):
         """
         if carry is None:
             carry = self.cell.initial_carry(tuple(xs.shape[1:-1]), self.carry_dtype)
-        return _unroll(self.cell, self.params, carry, xs, reverse=reverse,
-                       seq_lengths=seq_lengths, impl=impl or self.impl)
+        return _unroll(
+            self.cell,
+            self.params,
+            carry,
+            xs,
+            reverse=reverse,
+            seq_lengths=seq_lengths,
+            impl=impl or self.impl,
+        )
 
 
 def _dropout_key(module, rngs, deterministic: bool | None):
@@ -142,9 +171,11 @@ def _dropout_key(module, rngs, deterministic: bool | None):
     if rngs is not None:  # an RngStream or a key
         return rngs() if callable(rngs) else rngs
     if module.rngs is None:
-        raise ValueError(f"{type(module).__name__} has dropout {module.dropout_rate} but no "
-                         f"rngs: build it with rngs=, pass rngs= to the call, or call "
-                         f".eval() to turn dropout off")
+        raise ValueError(
+            f"{type(module).__name__} has dropout {module.dropout_rate} but no "
+            f"rngs: build it with rngs=, pass rngs= to the call, or call "
+            f".eval() to turn dropout off"
+        )
     return module.rngs()
 
 
@@ -159,17 +190,25 @@ class Stack(nnx.Module):
       rngs: the dropout stream (``rngs.dropout`` forked at construction), or None.
     """
 
-    def __init__(self, cell: _FunctionalCell, in_features: int, num_layers: int = 1, *,
-                 bidirectional: bool = False, dropout: float = 0.0,
-                 rngs: nnx.Rngs | None = None, params: Any = None,
-                 impl: str = "auto"):
+    def __init__(
+        self,
+        cell: _FunctionalCell,
+        in_features: int,
+        num_layers: int = 1,
+        *,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        rngs: nnx.Rngs | None = None,
+        params: Any = None,
+        impl: str = "auto",
+    ):
         """Args:
-          cell: the jaxseq cell of every layer.
-          in_features: F.
-          num_layers, bidirectional, dropout: as ``jaxseq.stack``.
-          rngs: initial params (``params`` stream) and dropout (``dropout`` stream).
-          params: existing ``jaxseq.stack`` params to hold instead of new ones.
-          impl: default ``impl`` of every layer's ``unroll``.
+        cell: the jaxseq cell of every layer.
+        in_features: F.
+        num_layers, bidirectional, dropout: as ``jaxseq.stack``.
+        rngs: initial params (``params`` stream) and dropout (``dropout`` stream).
+        params: existing ``jaxseq.stack`` params to hold instead of new ones.
+        impl: default ``impl`` of every layer's ``unroll``.
         """
         self.network = _stack(cell, num_layers, bidirectional=bidirectional, dropout=dropout)
         if params is None:
@@ -195,15 +234,24 @@ class Stack(nnx.Module):
     @property
     def params(self) -> tuple:
         """The ``jaxseq.stack`` params: a tuple per layer (pairs when bidirectional)."""
-        return tuple(tuple(c.params for c in layer) if isinstance(layer, nnx.List)
-                     else layer.params for layer in self.layers)
+        return tuple(
+            tuple(c.params for c in layer) if isinstance(layer, nnx.List) else layer.params
+            for layer in self.layers
+        )
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32):
         return self.network.initial_carry(batch_shape, dtype)
 
-    def __call__(self, xs: Array, carry=None, *, seq_lengths: Array | None = None,
-                 rngs=None, deterministic: bool | None = None,
-                 impl: str | None = None):
+    def __call__(
+        self,
+        xs: Array,
+        carry=None,
+        *,
+        seq_lengths: Array | None = None,
+        rngs=None,
+        deterministic: bool | None = None,
+        impl: str | None = None,
+    ):
         """Runs every layer over a time-major sequence.
 
         Args:
@@ -220,9 +268,14 @@ class Stack(nnx.Module):
         """
         if carry is None:
             carry = self.initial_carry(tuple(xs.shape[1:-1]), xs.dtype)
-        return self.network.apply(self.params, carry, xs, seq_lengths=seq_lengths,
-                                  dropout_key=_dropout_key(self, rngs, deterministic),
-                                  impl=impl or self.impl)
+        return self.network.apply(
+            self.params,
+            carry,
+            xs,
+            seq_lengths=seq_lengths,
+            dropout_key=_dropout_key(self, rngs, deterministic),
+            impl=impl or self.impl,
+        )
 
 
 class CharLM(nnx.Module):
@@ -238,29 +291,47 @@ class CharLM(nnx.Module):
       deterministic, rngs: dropout switch and stream, as in ``Stack``.
     """
 
-    def __init__(self, vocab_size: int, *, cell: str = "gru", hidden: int = 256,
-                 layers: int = 2, embed: int = 64, dropout: float = 0.0,
-                 input_mode: str = "embedding", compute_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None, params: CharLMParams | None = None,
-                 impl: str = "auto"):
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        cell: str = "gru",
+        hidden: int = 256,
+        layers: int = 2,
+        embed: int = 64,
+        dropout: float = 0.0,
+        input_mode: str = "embedding",
+        compute_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+        params: CharLMParams | None = None,
+        impl: str = "auto",
+    ):
         """Args:
-          vocab_size, cell, hidden, layers, embed, dropout, input_mode, compute_dtype: as
-            ``jaxseq.models.char_lm``.
-          rngs: initial params (``params`` stream) and dropout (``dropout`` stream).
-          params: existing ``CharLMParams`` (e.g. from a char-RNN checkpoint).
-          impl: default ``impl`` of the recurrent layers.
+        vocab_size, cell, hidden, layers, embed, dropout, input_mode, compute_dtype: as
+          ``jaxseq.models.char_lm``.
+        rngs: initial params (``params`` stream) and dropout (``dropout`` stream).
+        params: existing ``CharLMParams`` (e.g. from a char-RNN checkpoint).
+        impl: default ``impl`` of the recurrent layers.
         """
-        self.model = char_lm(vocab_size, cell=cell, hidden=hidden, layers=layers,
-                             embed=embed, dropout=dropout, input_mode=input_mode,
-                             compute_dtype=compute_dtype)
+        self.model = char_lm(
+            vocab_size,
+            cell=cell,
+            hidden=hidden,
+            layers=layers,
+            embed=embed,
+            dropout=dropout,
+            input_mode=input_mode,
+            compute_dtype=compute_dtype,
+        )
         if params is None:
             if rngs is None:
                 raise ValueError("pass rngs (to initialise the params) or params")
             params = self.model.init(rngs.params())
         in_size = embed if input_mode == "embedding" else vocab_size
         self.embed = None if params.embed is None else nnx.Param(jnp.asarray(params.embed))
-        self.rnn = Stack(make_cell(cell, hidden), in_size, layers, dropout=dropout,
-                         params=params.rnn, impl=impl)
+        self.rnn = Stack(
+            make_cell(cell, hidden), in_size, layers, dropout=dropout, params=params.rnn, impl=impl
+        )
         self.w_out = nnx.Param(jnp.asarray(params.w_out))
         self.b_out = nnx.Param(jnp.asarray(params.b_out))
         self.dropout_rate = dropout
@@ -271,14 +342,25 @@ class CharLM(nnx.Module):
     @property
     def params(self) -> CharLMParams:
         """The functional model's ``CharLMParams``."""
-        return CharLMParams(embed=None if self.embed is None else self.embed[...],
-                            rnn=self.rnn.params, w_out=self.w_out[...], b_out=self.b_out[...])
+        return CharLMParams(
+            embed=None if self.embed is None else self.embed[...],
+            rnn=self.rnn.params,
+            w_out=self.w_out[...],
+            b_out=self.b_out[...],
+        )
 
     def initial_carry(self, batch_shape=(), dtype=None):
         return self.model.initial_carry(batch_shape, dtype or self.model.compute_dtype)
 
-    def __call__(self, tokens: Array, carry=None, *, rngs=None,
-                 deterministic: bool | None = None, impl: str | None = None):
+    def __call__(
+        self,
+        tokens: Array,
+        carry=None,
+        *,
+        rngs=None,
+        deterministic: bool | None = None,
+        impl: str | None = None,
+    ):
         """Next-character logits.
 
         Args:
@@ -291,13 +373,18 @@ class CharLM(nnx.Module):
         """
         if carry is None:
             carry = self.initial_carry(tuple(tokens.shape[1:]))
-        return self.model.apply(self.params, carry, tokens,
-                                dropout_key=_dropout_key(self, rngs, deterministic),
-                                impl=impl or self.impl)
+        return self.model.apply(
+            self.params,
+            carry,
+            tokens,
+            dropout_key=_dropout_key(self, rngs, deterministic),
+            impl=impl or self.impl,
+        )
 
 
-def to_flax_nnx(params, cell: _FunctionalCell, *, target: str | None = None,
-                rngs: nnx.Rngs | None = None) -> nnx.Module:
+def to_flax_nnx(
+    params, cell: _FunctionalCell, *, target: str | None = None, rngs: nnx.Rngs | None = None
+) -> nnx.Module:
     """nnx's own cell (``nnx.SimpleCell``, ``LSTMCell``, ``OptimizedLSTMCell``, ``GRUCell``)
     holding ``params``, computing exactly the jaxseq cell's function.
 
@@ -322,8 +409,13 @@ def to_flax_nnx(params, cell: _FunctionalCell, *, target: str | None = None,
     to_flax_nnx_state(params, cell, target, hn_bias=True)  # checks the target and the cell
     F, H = params.w_ih.shape[0], params.w_hh.shape[0]
     kwargs = {"activation_fn": nnx.relu} if cell.kernel == "rnn_relu" else {}
-    module = getattr(nnx, target)(F, H, param_dtype=params.w_ih.dtype,
-                                  rngs=rngs if rngs is not None else nnx.Rngs(0), **kwargs)
+    module = getattr(nnx, target)(
+        F,
+        H,
+        param_dtype=params.w_ih.dtype,
+        rngs=rngs if rngs is not None else nnx.Rngs(0),
+        **kwargs,
+    )
     state = nnx.state(module, nnx.Param)
     pure = to_flax_nnx_state(params, cell, target, hn_bias=hasattr(module, NNX_HN_BIAS))
     nnx.replace_by_pure_dict(state, pure)

@@ -13,20 +13,23 @@ array from per-device callbacks). Only process 0 writes checkpoints and logs.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxseq.errors import UsageError
 
 DATA_AXIS = "data"
 
 
-def initialize_distributed(coordinator: Optional[str], num_processes: Optional[int],
-                           process_id: Optional[int]) -> None:
+def initialize_distributed(
+    coordinator: str | None, num_processes: int | None, process_id: int | None
+) -> None:
     """Joins a multi-process run (no-op when ``coordinator`` is None).
 
     On CPU the collectives go through gloo, which works over TCP on any machine.
@@ -42,8 +45,9 @@ def initialize_distributed(coordinator: Optional[str], num_processes: Optional[i
     if ":" not in coordinator:
         raise UsageError(f"coordinator must be HOST:PORT, got {coordinator!r}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
 
 
 def use_cpu_devices(n: int) -> None:
@@ -66,15 +70,17 @@ def use_cpu_devices(n: int) -> None:
     except RuntimeError:  # the backend has started: fine if it already has n devices
         have = len(jax.devices("cpu"))
         if have != n:
-            raise UsageError(f"cannot present the CPU as {n} devices: JAX's CPU backend already started with "
-                             f"{have} device(s)") from None
+            raise UsageError(
+                f"cannot present the CPU as {n} devices: JAX's CPU backend already started with "
+                f"{have} device(s)"
+            ) from None
 
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def data_mesh(num_devices: Optional[int] = None) -> Mesh:
+def data_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh over ``num_devices`` devices (all of them, every host's, by default).
 
     With several processes the mesh must span all processes' devices, so ``num_devices``
@@ -83,8 +89,9 @@ def data_mesh(num_devices: Optional[int] = None) -> Mesh:
     devices = jax.devices()
     n = len(devices) if not num_devices else num_devices
     if n < 1 or n > len(devices):
-        raise UsageError(f"num_devices={n}, but only {len(devices)} device(s) available "
-                         f"({devices[0].platform})")
+        raise UsageError(
+            f"num_devices={n}, but only {len(devices)} device(s) available ({devices[0].platform})"
+        )
     if jax.process_count() > 1 and n != len(devices):
         raise UsageError("with several processes, num_devices must cover every process's devices")
     return Mesh(np.array(devices[:n]), (DATA_AXIS,))
@@ -109,8 +116,9 @@ def shard_batch(mesh: Mesh, value: np.ndarray, axis: int) -> jax.Array:
     """A global array of ``value`` split along ``axis`` over the mesh; each process builds
     only its own devices' rows."""
     if value.shape[axis] % mesh.size:
-        raise UsageError(f"the batch ({value.shape[axis]}) must divide evenly over "
-                         f"{mesh.size} devices")
+        raise UsageError(
+            f"the batch ({value.shape[axis]}) must divide evenly over {mesh.size} devices"
+        )
     return _global_array(value, batch_sharding(mesh, value.ndim, axis))
 
 
@@ -127,24 +135,28 @@ def shard_tree(mesh: Mesh, tree: Any, axis: int) -> Any:
 def to_host(tree: Any) -> Any:
     """Fully materialised NumPy copies of every leaf, gathering shards held by other
     processes (every process must call this together)."""
+
     def fetch(x):
         if not isinstance(x, jax.Array) or x.is_fully_addressable:
             return np.asarray(x)
         if x.sharding.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
     return jax.tree.map(fetch, tree)
 
 
 def to_local(tree: Any) -> Any:
     """Process-local copies of replicated arrays, for work each process does on its own
     (evaluation, sampling)."""
+
     def local(x):
         if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
             if x.sharding.is_fully_replicated:
                 return x.addressable_data(0)  # one device's copy: no repeated work
             return to_host(x)
         return x
+
     return jax.tree.map(local, tree)
 
 
@@ -154,12 +166,14 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def describe(mesh: Optional[Mesh]) -> str:
+def describe(mesh: Mesh | None) -> str:
     if mesh is None:
         return "1 device"
     kinds = {d.platform for d in mesh.devices.flat}
-    return (f"{mesh.size} {'/'.join(sorted(kinds))} device(s) over {jax.process_count()} "
-            f"process(es), batch sharded on '{DATA_AXIS}'")
+    return (
+        f"{mesh.size} {'/'.join(sorted(kinds))} device(s) over {jax.process_count()} "
+        f"process(es), batch sharded on '{DATA_AXIS}'"
+    )
 
 
 def device_ids(mesh: Mesh) -> Sequence[int]:

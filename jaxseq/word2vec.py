@@ -67,12 +67,15 @@ from __future__ import annotations
 
 import math
 import pathlib
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseq import checkpoint as ckpt
+from jaxseq import parallel
 from jaxseq._w2v_data import (
     PAD_SENTENCE,
     Chunk,
@@ -124,22 +127,66 @@ from jaxseq._w2v_model import (
     step_loss,
     train_step,
 )
-from jaxseq import checkpoint as ckpt
-from jaxseq import parallel
 from jaxseq.errors import UsageError
 
 __all__ = [
-    "MODES", "OBJECTIVES", "NO_GENSIM", "PAD_SENTENCE", "AnalogyScore", "EncodedCorpus",
-    "PairScore", "Plan", "Prepared", "Scores", "SegmentBatch", "TrainConfig", "Trainer",
-    "TrainState", "UsageError", "Vocab", "Word2VecParams", "analogy", "build_vocab", "check_resume",
-    "checkpoint_meta", "epoch_batches", "make_trainer", "position_after",
-    "cbow_hidden", "cbow_negative_grads", "cbow_negative_loss", "cbow_softmax_loss", "encode",
-    "evaluate", "evaluate_analogies", "evaluate_pairs", "format_scores", "gensim_test_data",
-    "init_params", "keep_probabilities", "load_vectors", "make_chunk_fn", "make_optimizer",
-    "most_similar", "negative_cdf", "pair_mask", "pairs_from_batch", "plan", "prepare",
-    "sample_negatives", "sample_windows", "save_binary", "save_text", "skipgram_negative_grads",
-    "skipgram_negative_loss", "skipgram_softmax_loss", "spearman", "step_loss", "subsample",
-    "tokenize", "train_step",
+    "MODES",
+    "OBJECTIVES",
+    "NO_GENSIM",
+    "PAD_SENTENCE",
+    "AnalogyScore",
+    "EncodedCorpus",
+    "PairScore",
+    "Plan",
+    "Prepared",
+    "Scores",
+    "SegmentBatch",
+    "TrainConfig",
+    "Trainer",
+    "TrainState",
+    "UsageError",
+    "Vocab",
+    "Word2VecParams",
+    "analogy",
+    "build_vocab",
+    "check_resume",
+    "checkpoint_meta",
+    "epoch_batches",
+    "make_trainer",
+    "position_after",
+    "cbow_hidden",
+    "cbow_negative_grads",
+    "cbow_negative_loss",
+    "cbow_softmax_loss",
+    "encode",
+    "evaluate",
+    "evaluate_analogies",
+    "evaluate_pairs",
+    "format_scores",
+    "gensim_test_data",
+    "init_params",
+    "keep_probabilities",
+    "load_vectors",
+    "make_chunk_fn",
+    "make_optimizer",
+    "most_similar",
+    "negative_cdf",
+    "pair_mask",
+    "pairs_from_batch",
+    "plan",
+    "prepare",
+    "sample_negatives",
+    "sample_windows",
+    "save_binary",
+    "save_text",
+    "skipgram_negative_grads",
+    "skipgram_negative_loss",
+    "skipgram_softmax_loss",
+    "spearman",
+    "step_loss",
+    "subsample",
+    "tokenize",
+    "train_step",
 ]
 
 
@@ -148,8 +195,8 @@ class Prepared(NamedTuple):
 
     vocab: Vocab
     corpus: EncodedCorpus
-    keep: np.ndarray          # (V,) subsampling keep probabilities
-    cdf: np.ndarray           # (V,) cumulative unigram^0.75
+    keep: np.ndarray  # (V,) subsampling keep probabilities
+    cdf: np.ndarray  # (V,) cumulative unigram^0.75
 
 
 def prepare(sentences: Sequence[Sequence[str]], config: TrainConfig) -> Prepared:
@@ -157,8 +204,9 @@ def prepare(sentences: Sequence[Sequence[str]], config: TrainConfig) -> Prepared
     config.validate()
     vocab = build_vocab(sentences, config.min_count)
     corpus = encode(sentences, vocab)
-    return Prepared(vocab, corpus, keep_probabilities(vocab.counts, config.sample),
-                    negative_cdf(vocab.counts))
+    return Prepared(
+        vocab, corpus, keep_probabilities(vocab.counts, config.sample), negative_cdf(vocab.counts)
+    )
 
 
 CHECKPOINT_KIND = "word2vec"
@@ -175,17 +223,23 @@ def _config_dict(config: TrainConfig) -> dict:
     return {k: getattr(config, k) for k in config.__dataclass_fields__}
 
 
-def checkpoint_meta(config: TrainConfig, vocab: Vocab, position: tuple[int, int],
-                    done_words: float) -> dict:
+def checkpoint_meta(
+    config: TrainConfig, vocab: Vocab, position: tuple[int, int], done_words: float
+) -> dict:
     """The JSON metadata saved beside the state: config, vocabulary and data position
     (``(epoch, calls done in it)``, and corpus words trained so far)."""
-    return {"kind": CHECKPOINT_KIND, "config": _config_dict(config), "epoch": position[0],
-            "call": position[1], "done_words": done_words, "words": list(vocab.words),
-            "counts": [int(c) for c in vocab.counts]}
+    return {
+        "kind": CHECKPOINT_KIND,
+        "config": _config_dict(config),
+        "epoch": position[0],
+        "call": position[1],
+        "done_words": done_words,
+        "words": list(vocab.words),
+        "counts": [int(c) for c in vocab.counts],
+    }
 
 
-def check_resume(path: pathlib.Path, config: TrainConfig, vocab: Optional[Vocab] = None
-                 ) -> dict:
+def check_resume(path: pathlib.Path, config: TrainConfig, vocab: Vocab | None = None) -> dict:
     """The metadata of a word2vec checkpoint, after checking it continues this run.
 
     ``vocab`` None checks the config only (before the corpus is read).
@@ -199,19 +253,25 @@ def check_resume(path: pathlib.Path, config: TrainConfig, vocab: Optional[Vocab]
     saved, now = meta.get("config", {}), _config_dict(config)
     diff = [k for k in now if saved.get(k) != now[k]]
     if diff:
-        raise UsageError(f"cannot resume from {path}: it was trained with "
-                         + ", ".join(f"{k}={saved.get(k)} (now {now[k]})" for k in diff))
-    if vocab is not None and (meta.get("words") != list(vocab.words)
-                              or meta.get("counts") != [int(c) for c in vocab.counts]):
-        raise UsageError(f"cannot resume from {path}: this corpus gives another vocabulary "
-                         f"({len(vocab)} words, the checkpoint has {len(meta.get('words', []))});"
-                         f" another corpus?")
+        raise UsageError(
+            f"cannot resume from {path}: it was trained with "
+            + ", ".join(f"{k}={saved.get(k)} (now {now[k]})" for k in diff)
+        )
+    if vocab is not None and (
+        meta.get("words") != list(vocab.words)
+        or meta.get("counts") != [int(c) for c in vocab.counts]
+    ):
+        raise UsageError(
+            f"cannot resume from {path}: this corpus gives another vocabulary "
+            f"({len(vocab)} words, the checkpoint has {len(meta.get('words', []))});"
+            f" another corpus?"
+        )
     return meta
 
 
 class Plan(NamedTuple):
     segments_per_step: int
-    negative_groups: int      # divides segments_per_step
+    negative_groups: int  # divides segments_per_step
     steps_per_call: int
     total_steps: int
 
@@ -221,8 +281,9 @@ def plan(prepared: Prepared, config: TrainConfig) -> Plan:
     expected_kept = float(np.sum(prepared.vocab.counts * prepared.keep))
     n_seg = max(1, math.ceil(expected_kept / config.segment))
     per_step = min(config.segments_per_step, n_seg)
-    groups = max(g for g in range(1, min(config.negative_groups, per_step) + 1)
-                 if per_step % g == 0)
+    groups = max(
+        g for g in range(1, min(config.negative_groups, per_step) + 1) if per_step % g == 0
+    )
     steps = min(config.steps_per_call, math.ceil(n_seg / per_step))
     calls = math.ceil(n_seg / (per_step * steps))
     return Plan(per_step, groups, steps, calls * steps * config.epochs)
@@ -255,9 +316,15 @@ def initial_state(prepared: Prepared, config: TrainConfig, plan_: Plan) -> Train
     return TrainState(params, make_optimizer(config, plan_.total_steps).init(params))
 
 
-def make_trainer(prepared: Prepared, config: TrainConfig, *, state: Optional[TrainState] = None,
-                 devices: Optional[int] = None, with_loss: bool = True,
-                 gather_updates: bool = True) -> Trainer:
+def make_trainer(
+    prepared: Prepared,
+    config: TrainConfig,
+    *,
+    state: TrainState | None = None,
+    devices: int | None = None,
+    with_loss: bool = True,
+    gather_updates: bool = True,
+) -> Trainer:
     """The state and chunk function of a run, for one device or a data-parallel mesh.
 
     Args:
@@ -279,9 +346,12 @@ def make_trainer(prepared: Prepared, config: TrainConfig, *, state: Optional[Tra
     state = initial_state(prepared, config, plan_) if state is None else state
     width = config.segment + 2 * config.window
     shapes = SegmentBatch(
-        *(jax.ShapeDtypeStruct((steps, per_step, n), jnp.int32)
-          for n in (width, width, config.segment, config.segment, config.segment)),
-        jax.ShapeDtypeStruct((steps, groups, config.shared_negatives), jnp.int32))
+        *(
+            jax.ShapeDtypeStruct((steps, per_step, n), jnp.int32)
+            for n in (width, width, config.segment, config.segment, config.segment)
+        ),
+        jax.ShapeDtypeStruct((steps, groups, config.shared_negatives), jnp.int32),
+    )
     optimizer = make_optimizer(config, total_steps)
     if mesh is None:
         chunk_fn = make_chunk_fn(config, optimizer, with_loss=with_loss)
@@ -294,36 +364,54 @@ def make_trainer(prepared: Prepared, config: TrainConfig, *, state: Optional[Tra
     def put_batch(batch: SegmentBatch) -> SegmentBatch:
         return SegmentBatch(
             *(parallel.shard_batch(mesh, x, axis=1) for x in batch[:-1]),
-            parallel.shard_batch(mesh, batch.neg_ids, axis=1) if neg_axis
-            else parallel.replicate(mesh, batch.neg_ids))
+            parallel.shard_batch(mesh, batch.neg_ids, axis=1)
+            if neg_axis
+            else parallel.replicate(mesh, batch.neg_ids),
+        )
 
     shardings = SegmentBatch(
         *(parallel.batch_sharding(mesh, 3, 1) for _ in range(5)),
-        parallel.batch_sharding(mesh, 3, 1) if neg_axis else parallel.replicated(mesh))
-    shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
-    chunk_fn = make_chunk_fn(config, optimizer, with_loss=with_loss,
-                             state_sharding=jax.tree.map(lambda x: x.sharding, state),
-                             gather_updates=gather_updates)
+        parallel.batch_sharding(mesh, 3, 1) if neg_axis else parallel.replicated(mesh),
+    )
+    shapes = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    chunk_fn = make_chunk_fn(
+        config,
+        optimizer,
+        with_loss=with_loss,
+        state_sharding=jax.tree.map(lambda x: x.sharding, state),
+        gather_updates=gather_updates,
+    )
     return Trainer(plan_, mesh, state, chunk_fn, shapes, put_batch)
 
 
-def epoch_batches(prepared: Prepared, config: TrainConfig, plan_: Plan, epoch: int, *,
-                  skip: int = 0) -> Iterator[Chunk]:
+def epoch_batches(
+    prepared: Prepared, config: TrainConfig, plan_: Plan, epoch: int, *, skip: int = 0
+) -> Iterator[Chunk]:
     """The device calls' batches of one epoch, after the first ``skip`` of them.
 
     Each epoch's randomness is its own generator seeded by ``(seed, epoch)``, so a resume
     rebuilds any epoch's remaining batches without replaying the earlier ones.
     """
-    return epoch_chunks(prepared.corpus, prepared.keep, prepared.cdf, window=config.window,
-                        segment=config.segment, segments_per_step=plan_.segments_per_step,
-                        steps_per_call=plan_.steps_per_call,
-                        shared_negatives=config.shared_negatives,
-                        negative_groups=plan_.negative_groups, shuffle_block=config.shuffle_block,
-                        rng=np.random.default_rng([config.seed, epoch]), epoch=epoch, skip=skip)
+    return epoch_chunks(
+        prepared.corpus,
+        prepared.keep,
+        prepared.cdf,
+        window=config.window,
+        segment=config.segment,
+        segments_per_step=plan_.segments_per_step,
+        steps_per_call=plan_.steps_per_call,
+        shared_negatives=config.shared_negatives,
+        negative_groups=plan_.negative_groups,
+        shuffle_block=config.shuffle_block,
+        rng=np.random.default_rng([config.seed, epoch]),
+        epoch=epoch,
+        skip=skip,
+    )
 
 
-def _mesh(devices: Optional[int], per_step: int, config: TrainConfig):
+def _mesh(devices: int | None, per_step: int, config: TrainConfig):
     """The data-parallel mesh for ``devices`` (None: all), or None for one device."""
     if devices is not None and devices < 1:
         raise UsageError(f"devices must be positive, got {devices}")
@@ -338,12 +426,19 @@ def _mesh(devices: Optional[int], per_step: int, config: TrainConfig):
         raise UsageError(
             f"a step's {per_step} segments (batch {config.batch} / segment "
             f"{config.segment}{', reduced to fit this small corpus' if reduced else ''}) "
-            f"must divide evenly over {mesh.size} devices; change batch or devices")
+            f"must divide evenly over {mesh.size} devices; change batch or devices"
+        )
     return mesh
 
 
-def most_similar(words: Sequence[str], vectors: np.ndarray, query: str | Sequence[str], *,
-                 negative: Sequence[str] = (), topn: int = 10) -> list[tuple[str, float]]:
+def most_similar(
+    words: Sequence[str],
+    vectors: np.ndarray,
+    query: str | Sequence[str],
+    *,
+    negative: Sequence[str] = (),
+    topn: int = 10,
+) -> list[tuple[str, float]]:
     """Nearest neighbours by cosine similarity of ``sum(positive) - sum(negative)``.
 
     Args:
@@ -360,8 +455,10 @@ def most_similar(words: Sequence[str], vectors: np.ndarray, query: str | Sequenc
     index = {w: i for i, w in enumerate(words)}
     for w in (*positive, *negative):
         if w not in index:
-            raise UsageError(f"word {w!r} is not in the vocabulary ({len(words)} words; "
-                             f"words are lower-cased and need min_count occurrences)")
+            raise UsageError(
+                f"word {w!r} is not in the vocabulary ({len(words)} words; "
+                f"words are lower-cased and need min_count occurrences)"
+            )
     unit = np.asarray(vectors, np.float32)
     unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
     target = unit[[index[w] for w in positive]].sum(0)
@@ -374,7 +471,8 @@ def most_similar(words: Sequence[str], vectors: np.ndarray, query: str | Sequenc
     return [(words[i], float(sims[i])) for i in top if np.isfinite(sims[i])]
 
 
-def analogy(words: Sequence[str], vectors: np.ndarray, a: str, b: str, c: str, *,
-            topn: int = 1) -> list[tuple[str, float]]:
+def analogy(
+    words: Sequence[str], vectors: np.ndarray, a: str, b: str, c: str, *, topn: int = 1
+) -> list[tuple[str, float]]:
     """The best d for a : b :: c : d (3CosAdd: closest to b - a + c, not a, b or c)."""
     return most_similar(words, vectors, [b, c], negative=[a], topn=topn)

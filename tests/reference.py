@@ -34,8 +34,9 @@ def sigmoid(a: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-a))
 
 
-def random_params(rng: np.random.Generator, cell: str, input_size: int, hidden: int,
-                  scale: float = 0.5) -> dict[str, np.ndarray]:
+def random_params(
+    rng: np.random.Generator, cell: str, input_size: int, hidden: int, scale: float = 0.5
+) -> dict[str, np.ndarray]:
     """Per-gate float64 params with every entry (biases included) drawn from N(0, scale²).
 
     Returns:
@@ -98,7 +99,7 @@ def run(cell: str, p: dict, carry, xs: np.ndarray, reverse: bool = False):
     """Python loop of ``step`` over ``xs: (T, *batch, F)``; returns ``(carry, ys)``."""
     T = xs.shape[0]
     ys = [None] * T
-    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+    for t in range(T - 1, -1, -1) if reverse else range(T):
         carry, ys[t] = step(cell, p, carry, xs[t])
     return carry, np.stack(ys)
 

@@ -13,11 +13,31 @@ import pytest
 
 import benchmarks.__main__ as bench
 
-TINY = ["--hidden", "16", "--batch", "4", "--seq", "8", "--steps", "2", "--warmup", "1",
-        "--json", "--no-progress"]
+TINY = [
+    "--hidden",
+    "16",
+    "--batch",
+    "4",
+    "--seq",
+    "8",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--json",
+    "--no-progress",
+]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
-TRAIN_KEYS = {"impl", "cell", "hidden", "chars_per_s", "compile_s", "peak_rss_mb", "vs_torch",
-              "vs_flax"}
+TRAIN_KEYS = {
+    "impl",
+    "cell",
+    "hidden",
+    "chars_per_s",
+    "compile_s",
+    "peak_rss_mb",
+    "vs_torch",
+    "vs_flax",
+}
 
 
 def json_lines(text):
@@ -28,8 +48,25 @@ def json_lines(text):
 
 def test_charlm_in_process_every_implementation(capsys):
     impls = ["jaxseq", "flax"] + (["torch"] if HAS_TORCH else [])
-    assert bench.main(["charlm", *TINY, "--cell", "rnn", "--hidden", "8", "16", "--layers", "1",
-                       "--in-process", "--impl", *impls]) == 0
+    assert (
+        bench.main(
+            [
+                "charlm",
+                *TINY,
+                "--cell",
+                "rnn",
+                "--hidden",
+                "8",
+                "16",
+                "--layers",
+                "1",
+                "--in-process",
+                "--impl",
+                *impls,
+            ]
+        )
+        == 0
+    )
     records = json_lines(capsys.readouterr().out)
     assert [(r["hidden"], r["impl"]) for r in records] == [(h, i) for h in (8, 16) for i in impls]
     for r in records:
@@ -49,14 +86,17 @@ def test_charlm_worker_processes_report_their_own_rss(capsys):
     """Each worker's own RSS; --baseline (here this very checkout) adds its jaxseq."""
     impls = ["jaxseq", "jaxseq-cores"] + (["torch"] if HAS_TORCH else [])
     root = pathlib.Path(__file__).resolve().parents[1]
-    assert bench.main(["charlm", *TINY, "--cell", "lstm", "--impl", *impls,
-                       "--baseline", str(root)]) == 0
+    assert (
+        bench.main(["charlm", *TINY, "--cell", "lstm", "--impl", *impls, "--baseline", str(root)])
+        == 0
+    )
     captured = capsys.readouterr()
     records = json_lines(captured.out)
     assert [r["impl"] for r in records] == impls + ["jaxseq-baseline"]
     assert all(r["rss_mode"] == "worker" and r["peak_rss_mb"] > 50 for r in records)
-    assert [r["malloc"] for r in records] == (["retain"] * 2 + (["default"] if HAS_TORCH else [])
-                                              + ["retain"])
+    assert [r["malloc"] for r in records] == (
+        ["retain"] * 2 + (["default"] if HAS_TORCH else []) + ["retain"]
+    )
     # jaxseq-cores: one JAX device per usable core (that divides the batch of 4)
     cores = math.gcd(len(os.sched_getaffinity(0)), 4)
     assert records[0]["device"] == "cpu"
@@ -65,9 +105,28 @@ def test_charlm_worker_processes_report_their_own_rss(capsys):
 
 
 def test_charlm_bfloat16_table(capsys):
-    args = ["charlm", "--hidden", "16", "--batch", "4", "--seq", "8", "--steps", "2",
-            "--cell", "gru", "--impl", "jaxseq-scan", "jaxseq", "--in-process", "--dtype",
-            "bfloat16", "--layers", "1", "--no-progress"]
+    args = [
+        "charlm",
+        "--hidden",
+        "16",
+        "--batch",
+        "4",
+        "--seq",
+        "8",
+        "--steps",
+        "2",
+        "--cell",
+        "gru",
+        "--impl",
+        "jaxseq-scan",
+        "jaxseq",
+        "--in-process",
+        "--dtype",
+        "bfloat16",
+        "--layers",
+        "1",
+        "--no-progress",
+    ]
     assert bench.main(args) == 0
     out = capsys.readouterr().out
     assert "bfloat16" in out and "jaxseq" in out and "chars/s" in out
@@ -75,28 +134,71 @@ def test_charlm_bfloat16_table(capsys):
 
 def test_sample_and_compile(capsys):
     impls = ["jaxseq", "jax-loop"] + (["torch", "torch-native"] if HAS_TORCH else [])
-    assert bench.main(["sample", "--hidden", "16", "--length", "20", "--batch", "3",
-                       "--layers", "1", "--repeats", "2", "--cell", "gru", "--json",
-                       "--impl", *impls]) == 0
+    assert (
+        bench.main(
+            [
+                "sample",
+                "--hidden",
+                "16",
+                "--length",
+                "20",
+                "--batch",
+                "3",
+                "--layers",
+                "1",
+                "--repeats",
+                "2",
+                "--cell",
+                "gru",
+                "--json",
+                "--impl",
+                *impls,
+            ]
+        )
+        == 0
+    )
     records = json_lines(capsys.readouterr().out)
     assert [r["impl"] for r in records] == impls
     assert all(r["chars_per_s"] > 0 and r["length"] == 20 and r["batch"] == 3 for r in records)
-    assert bench.main(["compile", "--hidden", "8", "--batch", "2", "--seq", "4", "8",
-                       "--layers", "1", "--cell", "rnn", "--impl", "jaxseq", "--json"]) == 0
+    assert (
+        bench.main(
+            [
+                "compile",
+                "--hidden",
+                "8",
+                "--batch",
+                "2",
+                "--seq",
+                "4",
+                "8",
+                "--layers",
+                "1",
+                "--cell",
+                "rnn",
+                "--impl",
+                "jaxseq",
+                "--json",
+            ]
+        )
+        == 0
+    )
     records = json_lines(capsys.readouterr().out)
     assert [(r["impl"], r["seq"]) for r in records] == [("jaxseq", 4), ("jaxseq", 8)]
     assert all(r["compile_s"] > 0 for r in records)
 
 
-@pytest.mark.parametrize("argv", [
-    ["charlm", "--hidden", "0"],
-    ["charlm", "--impl", "keras"],
-    ["charlm", "--steps", "0"],
-    ["sample", "--batch", "0"],
-    ["charlm", "--cell", "transformer"],
-    ["charlm", "--baseline", "/nonexistent/jaxseq"],
-    ["nonsense"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["charlm", "--hidden", "0"],
+        ["charlm", "--impl", "keras"],
+        ["charlm", "--steps", "0"],
+        ["sample", "--batch", "0"],
+        ["charlm", "--cell", "transformer"],
+        ["charlm", "--baseline", "/nonexistent/jaxseq"],
+        ["nonsense"],
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(argv, capsys):
     try:
         code = bench.main(argv)
@@ -111,8 +213,12 @@ def test_bad_input_is_one_line_and_exit_2(argv, capsys):
 @pytest.mark.parametrize("module", ["benchmarks", "experiments.bench"])
 def test_command_line_entry_point(module):
     """``python -m benchmarks`` and its old name ``python -m experiments.bench``."""
-    proc = subprocess.run([sys.executable, "-m", module, "charlm", "--impl", "x"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "charlm", "--impl", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown --impl x")
 
 
@@ -129,17 +235,36 @@ def test_worker_keeps_freed_memory_unless_told_not_to():
     """The charlm workers (``python -m benchmarks.charlm --worker``) switch the memory
     tuning on themselves, since importing ``experiments`` no longer does; JAXSEQ_MALLOC
     (set by --malloc) turns it off."""
-    spec = {"impl": "jaxseq", "cell": "rnn", "hidden": 4, "layers": 1, "batch": 2, "seq": 3,
-            "dtype": "float32", "seed": 0, "warmup": 1, "torch_device": "cpu", "cores": []}
+    spec = {
+        "impl": "jaxseq",
+        "cell": "rnn",
+        "hidden": 4,
+        "layers": 1,
+        "batch": 2,
+        "seq": 3,
+        "dtype": "float32",
+        "seed": 0,
+        "warmup": 1,
+        "torch_device": "cpu",
+        "cores": [],
+    }
     root = pathlib.Path(__file__).resolve().parents[1]
     for setting, expect in (("retain", "False"), ("default", "True")):
-        code = ("import sys, jax, benchmarks.charlm as c\n"
-                "c.build_train_step = lambda spec: (lambda: None, 0.0)\n"
-                "c.worker_main(sys.argv[1])\n"
-                "print(jax.config.read('jax_cpu_enable_async_dispatch'))\n")
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], input="quit\n",
-                              capture_output=True, text=True, cwd=root, timeout=120,
-                              env=dict(os.environ, JAXSEQ_MALLOC=setting))
+        code = (
+            "import sys, jax, benchmarks.charlm as c\n"
+            "c.build_train_step = lambda spec: (lambda: None, 0.0)\n"
+            "c.worker_main(sys.argv[1])\n"
+            "print(jax.config.read('jax_cpu_enable_async_dispatch'))\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(spec)],
+            input="quit\n",
+            capture_output=True,
+            text=True,
+            cwd=root,
+            timeout=120,
+            env=dict(os.environ, JAXSEQ_MALLOC=setting),
+        )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.splitlines()[-1] == expect
 
@@ -149,8 +274,20 @@ def test_help_lists_every_flag(capsys):
         bench.main(["charlm", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--cell", "--hidden", "--impl", "--batch", "--seq", "--steps", "--warmup",
-                 "--dtype", "--xla-flags", "--jaxseq-xla-flags", "--in-process", "--json"):
+    for flag in (
+        "--cell",
+        "--hidden",
+        "--impl",
+        "--batch",
+        "--seq",
+        "--steps",
+        "--warmup",
+        "--dtype",
+        "--xla-flags",
+        "--jaxseq-xla-flags",
+        "--in-process",
+        "--json",
+    ):
         assert flag in text
     assert bench.main([]) == 2 and "charlm" in capsys.readouterr().out
 
@@ -184,18 +321,20 @@ def test_retain_freed_memory_makes_xla_reuse_its_temporaries(setting, expect):
         "f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "f(x).block_until_ready()\n"
         "faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0\n"
-        "print(m._done, jax.config.read('jax_cpu_enable_async_dispatch'), faults)\n")
+        "print(m._done, jax.config.read('jax_cpu_enable_async_dispatch'), faults)\n"
+    )
     env = dict(os.environ, JAXSEQ_MALLOC=setting)
     root = pathlib.Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, check=True, cwd=root).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, cwd=root
+    ).stdout.split()
     assert out[0] == expect
     assert out[1] == ("False" if expect == "True" else "True")
-    pages = (64 << 20) // 4096   # one 64 MiB temporary (sin(x) * 2 or cos(x))
+    pages = (64 << 20) // 4096  # one 64 MiB temporary (sin(x) * 2 or cos(x))
     if expect == "True":
-        assert int(out[2]) < pages // 10   # the temporaries reuse the last call's pages
+        assert int(out[2]) < pages // 10  # the temporaries reuse the last call's pages
     else:
-        assert int(out[2]) > pages // 2    # glibc unmapped them; the pages fault again
+        assert int(out[2]) > pages // 2  # glibc unmapped them; the pages fault again
 
 
 @pytest.mark.slow
@@ -206,15 +345,20 @@ def test_malloc_faults_script_runs_each_setting_in_its_own_process():
     an unknown setting is a one-line usage error."""
     root = pathlib.Path(__file__).resolve().parents[1]
     script = str(root / "benchmarks" / "malloc_faults.py")
-    out = subprocess.run([sys.executable, script, "--hidden", "8", "--steps", "1",
-                          "default", "both"], capture_output=True, text=True, check=True,
-                         cwd=root).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, script, "--hidden", "8", "--steps", "1", "default", "both"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+    ).stdout.splitlines()
     assert [line.split()[0] for line in out] == ["default", "both"]
     for line in out:
         words = line.split()
         assert words[1] == "faults/step" and float(words[2]) >= 0
         assert words[5] == "ms" and float(words[4]) > 0 and float(words[7]) > 0
-    bad = subprocess.run([sys.executable, script, "nosuch"], capture_output=True, text=True,
-                         cwd=root)
+    bad = subprocess.run(
+        [sys.executable, script, "nosuch"], capture_output=True, text=True, cwd=root
+    )
     assert bad.returncode == 2 and "unknown MODE nosuch" in bad.stderr
     assert "Traceback" not in bad.stderr

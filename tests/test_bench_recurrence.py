@@ -19,12 +19,29 @@ def records(text):
 
 
 def test_quick_in_process(capsys):
-    assert bench.main(["recurrence", *QUICK, "--in-process", "--layers", "1", "--impl", "gru",
-                       "mingru-assoc", "--match", "hidden"]) == 0
+    assert (
+        bench.main(
+            [
+                "recurrence",
+                *QUICK,
+                "--in-process",
+                "--layers",
+                "1",
+                "--impl",
+                "gru",
+                "mingru-assoc",
+                "--match",
+                "hidden",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     recs = records(captured.out)
-    assert [(r["impl"], r["unroll"]) for r in recs] == [("gru", "auto"),
-                                                        ("mingru-assoc", "associative")]
+    assert [(r["impl"], r["unroll"]) for r in recs] == [
+        ("gru", "auto"),
+        ("mingru-assoc", "associative"),
+    ]
     gru = recs[0]
     for r in recs:
         # --quick filled in what the flags left at their defaults; --seq 32 stayed.
@@ -48,26 +65,33 @@ def test_variants_size_only_the_min_cells_by_parameters():
     config = recurrence.RecurrenceBenchConfig(hidden=64, impl=("gru", "minlstm-assoc"))
     runs = recurrence.variants(config)
     assert [(r["label"], r["unroll"]) for r in runs] == [
-        ("gru", "auto"), ("minlstm-assoc =hidden", "associative"),
-        ("minlstm-assoc =params", "associative")]
+        ("gru", "auto"),
+        ("minlstm-assoc =hidden", "associative"),
+        ("minlstm-assoc =params", "associative"),
+    ]
     assert runs[1]["hidden"] == 64 and runs[2]["hidden"] > 64
 
 
 @pytest.mark.slow
 def test_workers_report_their_own_rss(capsys):
-    assert bench.main(["recurrence", *QUICK, "--impl", "lstm", "minlstm-scan",
-                       "--match", "hidden"]) == 0
+    assert (
+        bench.main(["recurrence", *QUICK, "--impl", "lstm", "minlstm-scan", "--match", "hidden"])
+        == 0
+    )
     recs = records(capsys.readouterr().out)
     assert [r["impl"] for r in recs] == ["lstm", "minlstm-scan"]
     assert all(r["rss_mode"] == "worker" and r["peak_rss_mb"] > 50 for r in recs)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--seq", "100"], "positive divisor of --tokens"),
-    (["--impl", "elman"], "unknown --impl elman"),
-    (["--match", "flops"], "unknown --match flops"),
-    (["--steps", "0"], "--steps must be positive"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seq", "100"], "positive divisor of --tokens"),
+        (["--impl", "elman"], "unknown --impl elman"),
+        (["--match", "flops"], "unknown --match flops"),
+        (["--steps", "0"], "--steps must be positive"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert bench.main(["recurrence", *argv]) == 2
     err = capsys.readouterr().err
@@ -79,6 +103,14 @@ def test_help_lists_every_flag(capsys):
         bench.main(["recurrence", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--seq", "--tokens", "--hidden", "--impl", "--match", "--quick", "--json",
-                 "--in-process"):
+    for flag in (
+        "--seq",
+        "--tokens",
+        "--hidden",
+        "--impl",
+        "--match",
+        "--quick",
+        "--json",
+        "--in-process",
+    ):
         assert flag in text

@@ -19,9 +19,13 @@ FACTORIES = {
     "gru_reset_after": lambda h, **kw: jaxseq.gru(h, reset_after=True, **kw),
     "gru_reset_before": lambda h, **kw: jaxseq.gru(h, reset_after=False, **kw),
 }
-PARAM_TYPES = {"rnn_tanh": jaxseq.RNNParams, "rnn_relu": jaxseq.RNNParams,
-               "lstm": jaxseq.LSTMParams, "gru_reset_after": jaxseq.GRUParams,
-               "gru_reset_before": jaxseq.GRUParams}
+PARAM_TYPES = {
+    "rnn_tanh": jaxseq.RNNParams,
+    "rnn_relu": jaxseq.RNNParams,
+    "lstm": jaxseq.LSTMParams,
+    "gru_reset_after": jaxseq.GRUParams,
+    "gru_reset_before": jaxseq.GRUParams,
+}
 CELLS = list(FACTORIES)
 
 
@@ -125,9 +129,12 @@ def test_apply_is_step_of_project(name):
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, F)), jnp.float32)
     carry, _ = random_carry(rng, name, (2,), jnp.float32)
-    chex.assert_trees_all_close(cell.apply(params, carry, x),
-                                cell.step(params, carry, cell.project(params, x)),
-                                atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(
+        cell.apply(params, carry, x),
+        cell.step(params, carry, cell.project(params, x)),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("name", CELLS)
@@ -148,7 +155,7 @@ def test_init_shapes_and_carry(name):
         assert all(l.shape == (*batch, H) for l in jax.tree.leaves(carry))
         assert all(not np.any(np.asarray(l)) for l in jax.tree.leaves(carry))
     if name == "lstm":
-        np.testing.assert_array_equal(params.b[H:2 * H], 1.0)
+        np.testing.assert_array_equal(params.b[H : 2 * H], 1.0)
         np.testing.assert_array_equal(params.b[:H], 0.0)
 
 

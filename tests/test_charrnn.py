@@ -16,15 +16,38 @@ from jaxseq.data import CharVocab
 from jaxseq.models import char_lm, cross_entropy
 from jaxseq.sample import filter_logits, sample
 
-TINY = ["--layers", "1", "--hidden", "32", "--embed", "8", "--batch", "4", "--seq", "16",
-        "--eval-every", "10", "--save-every", "10", "--log-every", "5", "--sample-length", "20",
-        "--no-progress"]
+TINY = [
+    "--layers",
+    "1",
+    "--hidden",
+    "32",
+    "--embed",
+    "8",
+    "--batch",
+    "4",
+    "--seq",
+    "16",
+    "--eval-every",
+    "10",
+    "--save-every",
+    "10",
+    "--log-every",
+    "5",
+    "--sample-length",
+    "20",
+    "--no-progress",
+]
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    words = ["to be or not to be", "that is the question", "whether tis nobler",
-             "in the mind to suffer", "the slings and arrows"]
+    words = [
+        "to be or not to be",
+        "that is the question",
+        "whether tis nobler",
+        "in the mind to suffer",
+        "the slings and arrows",
+    ]
     rng = np.random.default_rng(0)
     text = "\n".join(" ".join(rng.choice(words, 3)) for _ in range(120))
     path = tmp_path / "corpus.txt"
@@ -115,11 +138,14 @@ def test_top_k_samples_only_among_the_k_most_likely(small_model):
     model, params = small_model
     prime = jnp.array([2, 3])
     k = 3
-    tokens = np.asarray(sample(model, params, jax.random.key(9), prime, length=30, num=8,
-                               top_k=k, temperature=2.0))
+    tokens = np.asarray(
+        sample(model, params, jax.random.key(9), prime, length=30, num=8, top_k=k, temperature=2.0)
+    )
     # Replay all samples as one batch and check every token was among the k largest logits.
     apply = jax.jit(model.apply)
-    carry, logits = apply(params, model.initial_carry((8,)), jnp.broadcast_to(prime[:, None], (2, 8)))
+    carry, logits = apply(
+        params, model.initial_carry((8,)), jnp.broadcast_to(prime[:, None], (2, 8))
+    )
     last = logits[-1]
     for t in range(tokens.shape[1]):
         top = np.argsort(-np.asarray(last), axis=-1)[:, :k]
@@ -139,10 +165,14 @@ def test_sampling_distribution_matches_softmax():
     """With one step and no prime effect, sample frequencies follow softmax(logits/T)."""
     model = char_lm(5, cell="rnn", hidden=4, layers=1, embed=2)
     params = model.init(jax.random.key(0))
-    params = params._replace(w_out=jnp.zeros_like(params.w_out),
-                             b_out=jnp.array([0.0, 1.0, 2.0, 0.5, -1.0]))
-    draws = np.asarray(sample(model, params, jax.random.key(1), jnp.array([0]), length=1,
-                              num=20000, temperature=0.7))[:, 0]
+    params = params._replace(
+        w_out=jnp.zeros_like(params.w_out), b_out=jnp.array([0.0, 1.0, 2.0, 0.5, -1.0])
+    )
+    draws = np.asarray(
+        sample(
+            model, params, jax.random.key(1), jnp.array([0]), length=1, num=20000, temperature=0.7
+        )
+    )[:, 0]
     freq = np.bincount(draws, minlength=5) / draws.size
     want = np.asarray(jax.nn.softmax(params.b_out / 0.7))
     np.testing.assert_allclose(freq, want, atol=0.015)
@@ -152,8 +182,21 @@ def test_sample_cli(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(["--data", corpus, "--out", out, "--steps", 10, *TINY]) == 0
     capsys.readouterr()
-    args = ["sample", "--checkpoint", out, "--prime", "to be", "--length", 30, "--num", 2,
-            "--seed", 4, "--top-k", 5]
+    args = [
+        "sample",
+        "--checkpoint",
+        out,
+        "--prime",
+        "to be",
+        "--length",
+        30,
+        "--num",
+        2,
+        "--seed",
+        4,
+        "--top-k",
+        5,
+    ]
     assert run(args) == 0
     first = capsys.readouterr().out
     assert run(args) == 0
@@ -181,8 +224,9 @@ def test_train_step_compiles_once_over_a_run(corpus, tmp_path, monkeypatch):
     # 40 steps cross the end of a pass over the windows (a state reset) with --seq 64.
     out = tmp_path / "run"
     args = ["--data", corpus, "--out", out, "--steps", 40, *TINY, "--seq", 64, "--batch", 16]
-    config = cli._cli.config_from_args(charrnn.CharRNNConfig,
-                                       cli.parse_train_args([str(a) for a in args]))
+    config = cli._cli.config_from_args(
+        charrnn.CharRNNConfig, cli.parse_train_args([str(a) for a in args])
+    )
     n_train = len(cli.charrnn.prepare_corpus(corpus.read_text(), config).train)
     assert charrnn.windows_per_epoch(config, n_train) < 40
     assert run(args) == 0
@@ -191,8 +235,12 @@ def test_train_step_compiles_once_over_a_run(corpus, tmp_path, monkeypatch):
 def test_preset_values_are_defaults_that_explicit_flags_override():
     tiny = cli.PRESETS["tiny"]
     assert cli.parse_train_args(["--preset", "tiny"]).hidden == tiny["hidden"] != 128
-    for argv in (["--preset", "tiny", "--hidden", "128"], ["--preset=tiny", "--hidden=128"],
-                 ["--hidden=128", "--preset", "tiny"], ["--preset", "tiny", "--hid", "128"]):
+    for argv in (
+        ["--preset", "tiny", "--hidden", "128"],
+        ["--preset=tiny", "--hidden=128"],
+        ["--hidden=128", "--preset", "tiny"],
+        ["--preset", "tiny", "--hid", "128"],
+    ):
         args = cli.parse_train_args(argv)
         assert args.hidden == 128, argv
         assert args.steps == tiny["steps"], argv
@@ -272,18 +320,33 @@ def test_bfloat16_mixed_precision_trains(corpus, tmp_path):
     model's cross-entropy (what a model that ignores context can reach; ln V is chance)."""
     out = tmp_path / "run"
     args = [a if a not in ("10",) else "50" for a in TINY]  # evaluate/save every 50 steps
-    assert run(["--data", corpus, "--out", out, "--steps", 150, "--lr", "1e-2",
-                "--dtype", "bfloat16", *args]) == 0
+    assert (
+        run(
+            [
+                "--data",
+                corpus,
+                "--out",
+                out,
+                "--steps",
+                150,
+                "--lr",
+                "1e-2",
+                "--dtype",
+                "bfloat16",
+                *args,
+            ]
+        )
+        == 0
+    )
     model, params, vocab, _ = charrnn.load_for_sampling(out)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     tokens = jnp.zeros((4, 2), jnp.int32)
-    jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, model.initial_carry((2,)), tokens))(
-        params))
+    jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, model.initial_carry((2,)), tokens))(params))
     assert "bf16" in jaxpr  # the recurrent layers really compute in bfloat16
     text = corpus.read_text()
     split = int(0.9 * len(text))
     counts = collections.Counter(text[:split])
-    unigram = -np.mean([math.log(counts[ch] / split) for ch in text[split + 1:]])
+    unigram = -np.mean([math.log(counts[ch] / split) for ch in text[split + 1 :]])
     last = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["val_loss"] < 0.5 * unigram  # measured: 0.58 nats against 2.69
 

@@ -22,17 +22,19 @@ class Reordered(NamedTuple):  # the same fields, declared in the other order
 
 def _layer(seed=0):
     rng = np.random.default_rng(seed)
-    return Layer(w=rng.normal(size=(3, 3)).astype(np.float32),
-                 b=rng.normal(size=(3, 3)).astype(np.float32))
+    return Layer(
+        w=rng.normal(size=(3, 3)).astype(np.float32), b=rng.normal(size=(3, 3)).astype(np.float32)
+    )
 
 
 def test_arrays_are_matched_by_path_not_position(tmp_path):
     """Loaded by position, w and b (same shape) would silently swap places."""
     saved = _layer()
     ckpt.save(tmp_path, {"layer": saved, "step": np.int32(7)}, {"kind": "test"})
-    template = {"layer": Reordered(b=np.zeros((3, 3), np.float32),
-                                   w=np.zeros((3, 3), np.float32)),
-                "step": np.int32(0)}
+    template = {
+        "layer": Reordered(b=np.zeros((3, 3), np.float32), w=np.zeros((3, 3), np.float32)),
+        "step": np.int32(0),
+    }
     tree, meta = ckpt.load(tmp_path / ckpt.CHECKPOINT_NAME, template)
     np.testing.assert_array_equal(tree["layer"].w, saved.w)
     np.testing.assert_array_equal(tree["layer"].b, saved.b)

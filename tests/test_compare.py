@@ -11,16 +11,37 @@ from experiments import _cli, _race
 from experiments import compare as cli
 from jaxseq.charrnn import CharRNNConfig
 
-TINY = ["--hidden", "16", "--embed", "4", "--batch", "4", "--seq", "16", "--eval-points", "2",
-        "--sample-length", "24", "--warmup", "0", "--lr", "1e-2", "--no-progress"]
+TINY = [
+    "--hidden",
+    "16",
+    "--embed",
+    "4",
+    "--batch",
+    "4",
+    "--seq",
+    "16",
+    "--eval-points",
+    "2",
+    "--sample-length",
+    "24",
+    "--warmup",
+    "0",
+    "--lr",
+    "1e-2",
+    "--no-progress",
+]
 GATES = {"rnn": 1, "lstm": 4, "gru": 3, "mingru": 2, "minlstm": 3}
 
 
 @pytest.fixture
 def corpus(tmp_path):
     rng = np.random.default_rng(0)
-    words = ["to be or not to be", "that is the question", "whether tis nobler",
-             "in the mind to suffer"]
+    words = [
+        "to be or not to be",
+        "that is the question",
+        "whether tis nobler",
+        "in the mind to suffer",
+    ]
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(" ".join(rng.choice(words, 3)) for _ in range(80)))
     return path
@@ -39,21 +60,27 @@ def expected_params(cell, hidden, vocab, embed, input_mode):
 
 
 def table_rows(md):
-    return [line for line in md.splitlines()
-            if line.startswith("| ") and not line.startswith("| cell")]
+    return [
+        line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| cell")
+    ]
 
 
 def test_main_equal_characters_writes_table_plot_and_samples(corpus, tmp_path, capsys):
     out = tmp_path / "cmp"
     budget = 1000
-    assert cli.main(["--data", str(corpus), "--out", str(out), "--budget-chars", str(budget),
-                     *TINY]) == 0
+    assert (
+        cli.main(["--data", str(corpus), "--out", str(out), "--budget-chars", str(budget), *TINY])
+        == 0
+    )
     rows = table_rows((out / "results.md").read_text())
     assert [r.split("|")[1].strip() for r in rows] == ["rnn", "lstm", "gru"]
     assert (out / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (out / "samples.md").read_text()
-    assert [l for l in samples.splitlines() if l.startswith("## ")] == ["## rnn", "## lstm",
-                                                                       "## gru"]
+    assert [l for l in samples.splitlines() if l.startswith("## ")] == [
+        "## rnn",
+        "## lstm",
+        "## gru",
+    ]
     record = json.loads((out / "results.json").read_text())
     vocab = len(set(corpus.read_text()))
     per_step = 4 * 16
@@ -73,11 +100,31 @@ def test_main_equal_characters_writes_table_plot_and_samples(corpus, tmp_path, c
 
 def test_input_both_and_seconds_budget(corpus, tmp_path):
     out = tmp_path / "cmp"
-    assert cli.main(["--data", str(corpus), "--out", str(out), *TINY, "--budget-seconds",
-                     "0.3", "--cells", "gru", "--input", "both", "--sample-length", "0"]) == 0
+    assert (
+        cli.main(
+            [
+                "--data",
+                str(corpus),
+                "--out",
+                str(out),
+                *TINY,
+                "--budget-seconds",
+                "0.3",
+                "--cells",
+                "gru",
+                "--input",
+                "both",
+                "--sample-length",
+                "0",
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "results.json").read_text())
-    assert [(r["cell"], r["input"]) for r in record["runs"]] == [("gru", "embedding"),
-                                                                 ("gru", "onehot")]
+    assert [(r["cell"], r["input"]) for r in record["runs"]] == [
+        ("gru", "embedding"),
+        ("gru", "onehot"),
+    ]
     vocab = len(set(corpus.read_text()))
     for run in record["runs"]:
         assert run["seconds"] >= 0.3  # the stopping rule, not a speed
@@ -88,8 +135,24 @@ def test_input_both_and_seconds_budget(corpus, tmp_path):
 
 def test_min_cells_from_a_comma_list_under_a_seconds_budget(corpus, tmp_path):
     out = tmp_path / "cmp"
-    assert cli.main(["--data", str(corpus), "--out", str(out), *TINY, "--budget-seconds",
-                     "0.2", "--cells", "mingru,minlstm", "--sample-length", "0"]) == 0
+    assert (
+        cli.main(
+            [
+                "--data",
+                str(corpus),
+                "--out",
+                str(out),
+                *TINY,
+                "--budget-seconds",
+                "0.2",
+                "--cells",
+                "mingru,minlstm",
+                "--sample-length",
+                "0",
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "results.json").read_text())
     assert [r["cell"] for r in record["runs"]] == ["mingru", "minlstm"]
     vocab = len(set(corpus.read_text()))
@@ -105,12 +168,14 @@ def test_hidden_for_param_count_is_the_closest(cell):
     base = CharRNNConfig(cell=cell, layers=1, embed=8)
     target = expected_params("lstm", 64, vocab, 8, "embedding")
     hidden = _race.hidden_for_param_count(base, vocab, target)
-    gaps = {h: abs(expected_params(cell, h, vocab, 8, "embedding") - target)
-            for h in range(1, 1000)}
+    gaps = {
+        h: abs(expected_params(cell, h, vocab, 8, "embedding") - target) for h in range(1, 1000)
+    }
     assert gaps[hidden] == min(gaps.values())
     cfg = dataclasses.replace(base, hidden=hidden)
-    assert _race.count_model_params(cfg, vocab) == expected_params(cell, hidden, vocab, 8,
-                                                                      "embedding")
+    assert _race.count_model_params(cfg, vocab) == expected_params(
+        cell, hidden, vocab, 8, "embedding"
+    )
 
 
 def test_match_params_run_configs():
@@ -123,13 +188,16 @@ def test_match_params_run_configs():
         assert abs(counts[cell] - counts["lstm"]) / counts["lstm"] < 0.02
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--budget-chars", "0"], "--budget-chars must be positive"),
-    (["--budget-seconds", "-1"], "--budget-seconds must be positive"),
-    (["--cells", "rnn", "elman"], "unknown cell 'elman'"),
-    (["--cells", "gru,gru"], "lists a cell twice"),
-    (["--data", "/no/such/file.txt"], "corpus file not found"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budget-chars", "0"], "--budget-chars must be positive"),
+        (["--budget-seconds", "-1"], "--budget-seconds must be positive"),
+        (["--cells", "rnn", "elman"], "unknown cell 'elman'"),
+        (["--cells", "gru,gru"], "lists a cell twice"),
+        (["--data", "/no/such/file.txt"], "corpus file not found"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(extra, message, corpus, tmp_path, capsys):
     argv = ["--data", str(corpus), "--out", str(tmp_path / "o"), *TINY, *extra]
     assert _cli.run_main(cli.main, argv) == 2

@@ -31,8 +31,13 @@ print(json.dumps(results))
 
 
 def run_cases(cases):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(cases)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -48,20 +53,30 @@ def test_bad_input_everywhere(tmp_path):
         "charrnn bad cell": ("experiments.charrnn", ["--cell", "tcn"]),
         "charrnn negative steps": ("experiments.charrnn", ["--steps", "-1"]),
         "sample missing checkpoint": ("experiments.charrnn", ["sample", "--checkpoint", ckpt_dir]),
-        "sample zero temperature": ("experiments.charrnn",
-                                    ["sample", "--checkpoint", ckpt_dir, "--temperature", "0"]),
-        "word2vec missing corpus": ("experiments.word2vec", ["--corpus", missing,
-                                                             "--out", str(tmp_path / "w")]),
-        "word2vec empty corpus": ("experiments.word2vec", ["--corpus", str(empty),
-                                                           "--out", str(tmp_path / "w2")]),
+        "sample zero temperature": (
+            "experiments.charrnn",
+            ["sample", "--checkpoint", ckpt_dir, "--temperature", "0"],
+        ),
+        "word2vec missing corpus": (
+            "experiments.word2vec",
+            ["--corpus", missing, "--out", str(tmp_path / "w")],
+        ),
+        "word2vec empty corpus": (
+            "experiments.word2vec",
+            ["--corpus", str(empty), "--out", str(tmp_path / "w2")],
+        ),
         "word2vec zero dim": ("experiments.word2vec", ["--dim", "0"]),
         "word2vec bad mode": ("experiments.word2vec", ["--mode", "glove"]),
-        "compare missing data": ("experiments.compare", ["--data", missing,
-                                                         "--out", str(tmp_path / "c")]),
+        "compare missing data": (
+            "experiments.compare",
+            ["--data", missing, "--out", str(tmp_path / "c")],
+        ),
         "compare zero budget": ("experiments.compare", ["--budget-chars", "0"]),
         "vanishing bad flag": ("experiments.vanishing", ["--no-such-flag"]),
-        "vanishing missing data": ("experiments.vanishing", ["--data", missing,
-                                                             "--out", str(tmp_path / "v")]),
+        "vanishing missing data": (
+            "experiments.vanishing",
+            ["--data", missing, "--out", str(tmp_path / "v")],
+        ),
         "bench unknown command": ("benchmarks.__main__", ["gpt"]),
         "bench bad cell": ("benchmarks.__main__", ["charlm", "--cell", "tcn"]),
         "bench word2vec missing corpus": ("benchmarks.__main__", ["word2vec", "--corpus", missing]),

@@ -22,8 +22,11 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 def readme_torch_script() -> str:
     """The README's PyTorch loading script (a ``py`` block: it needs an exported file, so
     tests/test_readme.py, which runs the ``python`` blocks, leaves it to this test)."""
-    blocks = [b for b in re.findall(r"```py\n(.*?)```", README.read_text(), flags=re.S)
-              if "torch.load" in b]
+    blocks = [
+        b
+        for b in re.findall(r"```py\n(.*?)```", README.read_text(), flags=re.S)
+        if "torch.load" in b
+    ]
     assert len(blocks) == 1
     code = blocks[0]
     assert len([line for line in code.splitlines() if line.strip()]) <= 16
@@ -38,22 +41,26 @@ def write_checkpoint(run_dir, **config_fields):
     state = charrnn.init_state(config, model, charrnn.make_optimizer(config))
     leaves, treedef = jax.tree.flatten(state.params)
     rng = np.random.default_rng(0)
-    params = treedef.unflatten([a + jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype)
-                                for a in leaves])
+    params = treedef.unflatten(
+        [a + jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype) for a in leaves]
+    )
     state = state._replace(params=params)
     ckpt.save(run_dir, jax.device_get(state), charrnn.checkpoint_meta(config, vocab, 7))
     return model, params, vocab
 
 
-@pytest.mark.parametrize("cell,input_mode", [
-    ("gru", "embedding"), ("lstm", "embedding"), ("rnn", "onehot")])
-def test_export_to_torch_loads_in_the_readme_script(tmp_path, cell, input_mode, capsys,
-                                                    monkeypatch):
+@pytest.mark.parametrize(
+    "cell,input_mode", [("gru", "embedding"), ("lstm", "embedding"), ("rnn", "onehot")]
+)
+def test_export_to_torch_loads_in_the_readme_script(
+    tmp_path, cell, input_mode, capsys, monkeypatch
+):
     torch = pytest.importorskip("torch", reason="export --to torch needs PyTorch")
     model, params, vocab = write_checkpoint(tmp_path / "run", cell=cell, input=input_mode)
     out = tmp_path / "model.pt"
-    assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--to", "torch",
-                     str(out)]) == 0
+    assert (
+        cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--to", "torch", str(out)]) == 0
+    )
     assert "wrote" in capsys.readouterr().err
 
     script = readme_torch_script()
@@ -61,8 +68,9 @@ def test_export_to_torch_loads_in_the_readme_script(tmp_path, cell, input_mode, 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     namespace = {}
-    exec(compile(script.replace('"shakespeare.pt"', repr(str(out))), str(README), "exec"),
-         namespace)
+    exec(
+        compile(script.replace('"shakespeare.pt"', repr(str(out))), str(README), "exec"), namespace
+    )
     assert len(namespace["text"]) > 0 and set(namespace["text"]) <= set(vocab.chars)
 
     m = namespace["m"]
@@ -79,8 +87,11 @@ def test_export_errors(tmp_path, capsys, monkeypatch):
     import builtins
 
     from experiments import _cli
-    code = _cli.run_main(cli.main, ["export", "--checkpoint", str(tmp_path / "none"),
-                                    "--to", "torch", str(tmp_path / "x.pt")])
+
+    code = _cli.run_main(
+        cli.main,
+        ["export", "--checkpoint", str(tmp_path / "none"), "--to", "torch", str(tmp_path / "x.pt")],
+    )
     err = capsys.readouterr().err
     if "needs PyTorch" not in err:
         assert code == 2 and "checkpoint not found" in err
@@ -92,8 +103,10 @@ def test_export_errors(tmp_path, capsys, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_torch)
-    code = _cli.run_main(cli.main, ["export", "--checkpoint", str(tmp_path), "--to", "torch",
-                                    str(tmp_path / "x.pt")])
+    code = _cli.run_main(
+        cli.main, ["export", "--checkpoint", str(tmp_path), "--to", "torch", str(tmp_path / "x.pt")]
+    )
     assert code == 2
-    assert capsys.readouterr().err.strip() == ("error: --to torch needs PyTorch "
-                                               "(pip install torch)")
+    assert capsys.readouterr().err.strip() == (
+        "error: --to torch needs PyTorch (pip install torch)"
+    )

@@ -26,7 +26,8 @@ def randomize(tree, key, scale=0.5):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(
-        treedef, [scale * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
+        treedef, [scale * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
+    )
 
 
 def setup(name, batch=(2,), key=0, dtype=jnp.float32, steps=T):
@@ -44,6 +45,7 @@ def make_loss(cell, weights, reverse, impl="fused"):
         final, ys = jaxseq.unroll(cell, params, carry, xs, reverse=reverse, impl=impl)
         # sin() makes the carry's cotangent depend on its value; weights make ys's non-uniform
         return jnp.sum(weights * ys) + sum(jnp.sum(jnp.sin(l)) for l in jax.tree.leaves(final))
+
     return loss
 
 
@@ -59,7 +61,8 @@ def kernel_matches(kernel, cell, params, carry) -> bool:
     got = kernel.step(params, carry, x)
     return jax.tree.structure(want) == jax.tree.structure(got) and all(
         np.allclose(a, b, rtol=1e-4, atol=1e-5)
-        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got))
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CELLS))
@@ -78,8 +81,10 @@ def test_each_builtin_cell_is_tagged_with_the_kernel_that_computes_it(name):
             assert not matched, other.name
 
 
-@pytest.mark.parametrize("name,reverse", [
-    ("rnn_tanh", False), ("rnn_relu", True), ("lstm", True), ("gru", False), ("gru_cho", True)])
+@pytest.mark.parametrize(
+    "name,reverse",
+    [("rnn_tanh", False), ("rnn_relu", True), ("lstm", True), ("gru", False), ("gru_cho", True)],
+)
 def test_float64_gradients_are_exact(name, reverse):
     """Numerical differentiation of the fused path (float64), first and second order."""
     with jax.enable_x64(True):
@@ -87,14 +92,29 @@ def test_float64_gradients_are_exact(name, reverse):
         loss = make_loss(cell, weights, reverse)
         # the fused kernel really is what is differentiated here
         assert "custom_vjp_call" in str(jax.make_jaxpr(loss)(params, carry, xs))
-        check_grads(jax.jit(loss), (params, carry, xs), order=2 if name == "lstm" else 1,
-                    modes=("rev",), atol=1e-5, rtol=1e-5)
+        check_grads(
+            jax.jit(loss),
+            (params, carry, xs),
+            order=2 if name == "lstm" else 1,
+            modes=("rev",),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
-@pytest.mark.parametrize("name,batch,reverse", [
-    ("rnn_tanh", (3,), False), ("rnn_relu", (), True), ("lstm", (3,), False),
-    ("lstm", (2, 3), True), ("gru", (2, 3), False), ("gru", (3,), True),
-    ("gru_cho", (3,), False), ("gru_cho", (2, 3), True)])
+@pytest.mark.parametrize(
+    "name,batch,reverse",
+    [
+        ("rnn_tanh", (3,), False),
+        ("rnn_relu", (), True),
+        ("lstm", (3,), False),
+        ("lstm", (2, 3), True),
+        ("gru", (2, 3), False),
+        ("gru", (3,), True),
+        ("gru_cho", (3,), False),
+        ("gru_cho", (2, 3), True),
+    ],
+)
 def test_float32_matches_plain_scan(name, reverse, batch):
     """Values and gradients equal those of plain lax.scan autodiff, within float32 rounding."""
     cell, params, carry, xs, weights = setup(name, batch, key=2)
@@ -115,8 +135,7 @@ def test_every_length_matches_plain_scan(name, steps):
     cell, params, carry, xs, weights = setup(name, (3,), key=12, steps=steps)
     for reverse in (False, True):
         (v_fused, g_fused) = grads(make_loss(cell, weights, reverse), (params, carry, xs))
-        (v_plain, g_plain) = grads(make_loss(cell, weights, reverse, "scan"),
-                                   (params, carry, xs))
+        (v_plain, g_plain) = grads(make_loss(cell, weights, reverse, "scan"), (params, carry, xs))
         np.testing.assert_allclose(v_fused, v_plain, rtol=1e-5, atol=1e-5)
         chex.assert_trees_all_close(g_fused, g_plain, rtol=2e-5, atol=2e-5)
 
@@ -132,8 +151,10 @@ def test_second_order_matches_plain_scan_float64():
 
             def directional(p):
                 g = jax.grad(loss)(p, carry, xs)
-                return sum(jnp.vdot(a, b) for a, b in
-                           zip(jax.tree.leaves(g), jax.tree.leaves(tangent)))
+                return sum(
+                    jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(tangent))
+                )
+
             return jax.grad(directional)(params)
 
         fused = jax.jit(hvp, static_argnums=1)(params, "fused")
@@ -144,6 +165,7 @@ def test_second_order_matches_plain_scan_float64():
 def test_train_step_gradients_match_plain_scan_two_layers():
     """A two-layer char LM: every parameter's gradient agrees with plain scan autodiff."""
     from jaxseq.models import char_lm, cross_entropy
+
     for cell in ("lstm",):
         model = char_lm(11, cell=cell, hidden=8, layers=2, embed=5)
         params = randomize(model.init(jax.random.key(5)), jax.random.key(6))
@@ -167,7 +189,8 @@ def test_bfloat16_runs_fused_and_stays_close_to_float32():
     def loss16(params, carry, xs):
         cast = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
         return make_loss(cell, weights.astype(jnp.bfloat16), False)(cast, carry, xs).astype(
-            jnp.float32)
+            jnp.float32
+        )
 
     assert "custom_vjp_call" in str(jax.make_jaxpr(loss16)(*args16))
     v16, g16 = grads(loss16, args16)
@@ -189,16 +212,18 @@ def test_a_cell_without_a_kernel_tag_runs_as_scan_and_refuses_fused():
         c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
         return jaxseq.LSTMState(h=jnp.tanh(c), c=c), jnp.tanh(c)
 
-    cell = base._replace(step=step, apply=lambda p, c, x: step(p, c, base.project(p, x)),
-                         kernel=None)
+    cell = base._replace(
+        step=step, apply=lambda p, c, x: step(p, c, base.project(p, x)), kernel=None
+    )
     params = randomize(cell.init(jax.random.key(9), F), jax.random.key(10))
     carry = cell.initial_carry((2,))
     xs = jax.random.normal(jax.random.key(11), (T, 2, F))
     got = jaxseq.unroll(cell, params, carry, xs)
     want = jaxseq.reference_unroll(cell, params, carry, xs)
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
-    assert "custom_vjp_call" not in str(jax.make_jaxpr(
-        lambda p: jaxseq.unroll(cell, p, carry, xs))(params))
+    assert "custom_vjp_call" not in str(
+        jax.make_jaxpr(lambda p: jaxseq.unroll(cell, p, carry, xs))(params)
+    )
     with pytest.raises(ValueError, match="no fused kernel.*impl='scan'"):
         jaxseq.unroll(cell, params, carry, xs, impl="fused")
 
@@ -208,12 +233,13 @@ def test_auto_falls_back_where_the_kernels_cannot_run_and_fused_says_why():
     trace = lambda f: str(jax.make_jaxpr(f)(params))
     lengths = jnp.array([T, 2])
     cases = {  # call -> what "fused" must name
-        "seq_lengths": lambda p, impl: jaxseq.unroll(cell, p, carry, xs, seq_lengths=lengths,
-                                                     impl=impl),
-        "carry must be": lambda p, impl: jaxseq.unroll(cell, p, carry.astype(jnp.bfloat16),
-                                                       xs, impl=impl),
-        "b_hn": lambda p, impl: jaxseq.unroll(cell, p._replace(b_hn=None), carry, xs,
-                                              impl=impl),
+        "seq_lengths": lambda p, impl: jaxseq.unroll(
+            cell, p, carry, xs, seq_lengths=lengths, impl=impl
+        ),
+        "carry must be": lambda p, impl: jaxseq.unroll(
+            cell, p, carry.astype(jnp.bfloat16), xs, impl=impl
+        ),
+        "b_hn": lambda p, impl: jaxseq.unroll(cell, p._replace(b_hn=None), carry, xs, impl=impl),
     }
     for reason, call in cases.items():
         if reason == "seq_lengths":  # the others fail in the scan too (dtype, missing bias)
@@ -228,8 +254,9 @@ def test_auto_falls_back_where_the_kernels_cannot_run_and_fused_says_why():
 def test_impl_is_explicit_per_call():
     """No hidden state: the same function traced with each impl gets what it asked for."""
     cell, params, carry, xs, _ = setup("rnn_tanh")
-    trace = lambda impl: str(jax.make_jaxpr(
-        lambda p: jaxseq.unroll(cell, p, carry, xs, impl=impl))(params))
+    trace = lambda impl: str(
+        jax.make_jaxpr(lambda p: jaxseq.unroll(cell, p, carry, xs, impl=impl))(params)
+    )
     assert "custom_vjp_call" in trace("auto") and "custom_vjp_call" in trace("fused")
     assert "custom_vjp_call" not in trace("scan")
     assert "custom_vjp_call" in trace("auto")
@@ -242,17 +269,21 @@ def test_forward_mode_runs_with_scan_and_fused_names_the_fix(name):
     with jax.enable_x64(True):
         cell, params, carry, xs, weights = setup(name, (2,), key=15, dtype=jnp.float64)
         loss = make_loss(cell, weights, False, impl="scan")
-        check_grads(lambda x: loss(params, carry, x), (xs,), order=2, modes=("fwd",),
-                    atol=1e-5, rtol=1e-5)
+        check_grads(
+            lambda x: loss(params, carry, x), (xs,), order=2, modes=("fwd",), atol=1e-5, rtol=1e-5
+        )
         hess = jax.hessian(lambda x: loss(params, carry, x))(xs)
         flat = hess.reshape(xs.size, xs.size)
         np.testing.assert_allclose(flat, flat.T, atol=1e-8)  # symmetric
         # its action on a direction is the change of the (reverse-mode) gradient
         d, eps = jax.random.normal(jax.random.key(16), xs.shape, jnp.float64), 1e-6
         g = jax.grad(lambda x: loss(params, carry, x))
-        np.testing.assert_allclose(flat @ d.ravel(),
-                                   ((g(xs + eps * d) - g(xs - eps * d)) / (2 * eps)).ravel(),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            flat @ d.ravel(),
+            ((g(xs + eps * d) - g(xs - eps * d)) / (2 * eps)).ravel(),
+            rtol=1e-5,
+            atol=1e-6,
+        )
         fused = make_loss(cell, weights, False, impl="fused")
         with pytest.raises(TypeError, match="impl='scan'"):
             jax.jvp(lambda x: fused(params, carry, x), (xs,), (xs,))
@@ -261,9 +292,12 @@ def test_forward_mode_runs_with_scan_and_fused_names_the_fix(name):
 def test_mesh_that_does_not_divide_the_batch_is_refused():
     cell, params, carry, xs, _ = setup("gru", (3,))
     one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    chex.assert_trees_all_close(jaxseq.unroll(cell, params, carry, xs, impl="fused", mesh=one),
-                                jaxseq.unroll(cell, params, carry, xs, impl="scan"),
-                                rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(
+        jaxseq.unroll(cell, params, carry, xs, impl="fused", mesh=one),
+        jaxseq.unroll(cell, params, carry, xs, impl="scan"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
     class TwoDeviceMesh:  # only its size is read before the refusal
         size = 2
@@ -294,8 +328,9 @@ def test_program_size_does_not_grow_with_sequence_length():
     assert hlo_ops(16) == hlo_ops(64)
 
 
-@pytest.mark.parametrize("name,reverse", [("lstm", False), ("gru", True), ("rnn_tanh", False),
-                                          ("gru_cho", True)])
+@pytest.mark.parametrize(
+    "name,reverse", [("lstm", False), ("gru", True), ("rnn_tanh", False), ("gru_cho", True)]
+)
 def test_unroll_embedded_equals_unroll_on_looked_up_inputs(name, reverse):
     """The product-table path gives unroll's values and (float64) gradients exactly."""
     with jax.enable_x64(True):
@@ -307,14 +342,19 @@ def test_unroll_embedded_equals_unroll_on_looked_up_inputs(name, reverse):
             final, ys = unroll_fn(params, carry, table)
             return jnp.sum(weights * ys) + sum(jnp.sum(jnp.sin(l)) for l in jax.tree.leaves(final))
 
-        embedded = lambda p, c, t: jaxseq.unroll_embedded(cell, p, c, t, tokens,
-                                                           reverse=reverse, impl="fused")
-        looked_up = lambda p, c, t: jaxseq.unroll(cell, p, c, t[tokens], reverse=reverse,
-                                                  impl="scan")
-        assert "custom_vjp_call" in str(jax.make_jaxpr(
-            lambda *a: loss(embedded, *a))(params, carry, table))
+        embedded = lambda p, c, t: jaxseq.unroll_embedded(
+            cell, p, c, t, tokens, reverse=reverse, impl="fused"
+        )
+        looked_up = lambda p, c, t: jaxseq.unroll(
+            cell, p, c, t[tokens], reverse=reverse, impl="scan"
+        )
+        assert "custom_vjp_call" in str(
+            jax.make_jaxpr(lambda *a: loss(embedded, *a))(params, carry, table)
+        )
         got = jax.value_and_grad(lambda *a: loss(embedded, *a), argnums=(0, 1, 2))(
-            params, carry, table)
+            params, carry, table
+        )
         want = jax.value_and_grad(lambda *a: loss(looked_up, *a), argnums=(0, 1, 2))(
-            params, carry, table)
+            params, carry, table
+        )
         chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-10)

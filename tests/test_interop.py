@@ -59,8 +59,9 @@ def test_from_flax_linen_params_accepts_bare_cell_params_and_checks_names():
     bare = jaxseq.from_flax_linen_params(variables["params"], cell_name="gru")
     wrapped = jaxseq.from_flax_linen_params(variables)
     chex.assert_trees_all_equal(bare, wrapped)
-    chex.assert_shape([bare.w_ih, bare.w_hh, bare.b, bare.b_hn],
-                      [(F, 3 * H), (H, 3 * H), (3 * H,), (H,)])
+    chex.assert_shape(
+        [bare.w_ih, bare.w_hh, bare.b, bare.b_hn], [(F, 3 * H), (H, 3 * H), (3 * H,), (H,)]
+    )
     with pytest.raises(ValueError, match="cell_name='lstm'"):
         jaxseq.from_flax_linen_params(variables, cell_name="lstm")
     with pytest.raises(ValueError, match="match no supported cell"):
@@ -93,14 +94,13 @@ def test_flax_cell_in_nn_rnn_equals_unroll(cell_name):
     for reverse in (False, True):
         flax_carry, flax_ys = jax.jit(
             lambda v, x, c, reverse=reverse: layer.apply(
-                v, x, initial_carry=c, seq_lengths=lengths, reverse=reverse, keep_order=True)
+                v, x, initial_carry=c, seq_lengths=lengths, reverse=reverse, keep_order=True
+            )
         )(variables, xs_bt, carry0)
-        carry, ys = jaxseq.unroll(cell, params, carry0, xs, reverse=reverse,
-                                  seq_lengths=lengths)
+        carry, ys = jaxseq.unroll(cell, params, carry0, xs, reverse=reverse, seq_lengths=lengths)
         chex.assert_trees_all_close(flax_carry, carry, atol=1e-5, rtol=0)
         for b, length in enumerate(lengths):  # linen leaves padding outputs unspecified
-            chex.assert_trees_all_close(flax_ys[b, :length], ys[:length, b], atol=1e-5,
-                                        rtol=0)
+            chex.assert_trees_all_close(flax_ys[b, :length], ys[:length, b], atol=1e-5, rtol=0)
 
 
 def test_flax_cell_initialize_carry_and_bidirectional():
@@ -164,16 +164,17 @@ def random_state_dict(name, num_layers=2, bidirectional=True, bias=True, seed=0)
 
 def test_from_torch_state_dict_layout_and_bias_sums():
     sd = random_state_dict("gru")
-    params, info = jaxseq.from_torch_state_dict(sd, "gru", num_layers=2, bidirectional=True,
-                                                dtype=jnp.float32)
+    params, info = jaxseq.from_torch_state_dict(
+        sd, "gru", num_layers=2, bidirectional=True, dtype=jnp.float32
+    )
     assert info == jaxseq.TorchRNNInfo("gru", F, H, 2, True, True)
     (fwd0, bwd0), (fwd1, _) = params
     np.testing.assert_allclose(bwd0.w_hh, sd["weight_hh_l0_reverse"].T, rtol=1e-6)
     chex.assert_shape(fwd1.w_ih, (2 * H, 3 * H))
     b_ih, b_hh = sd["bias_ih_l0"], sd["bias_hh_l0"]
-    np.testing.assert_allclose(fwd0.b[:2 * H], b_ih[:2 * H] + b_hh[:2 * H], rtol=1e-6)
-    np.testing.assert_allclose(fwd0.b[2 * H:], b_ih[2 * H:], rtol=1e-6)
-    np.testing.assert_allclose(fwd0.b_hn, b_hh[2 * H:], rtol=1e-6)
+    np.testing.assert_allclose(fwd0.b[: 2 * H], b_ih[: 2 * H] + b_hh[: 2 * H], rtol=1e-6)
+    np.testing.assert_allclose(fwd0.b[2 * H :], b_ih[2 * H :], rtol=1e-6)
+    np.testing.assert_allclose(fwd0.b_hn, b_hh[2 * H :], rtol=1e-6)
     chex.assert_type(fwd0.w_ih, jnp.float32)
 
     no_bias, info = jaxseq.from_torch_state_dict(random_state_dict("lstm", bias=False), "lstm")
@@ -191,18 +192,21 @@ def _without(sd, key):
     return {k: v for k, v in sd.items() if k != key}
 
 
-@pytest.mark.parametrize("case,match", [
-    ("missing", "missing .*weight_hh_l1"),
-    ("partial_bias", "missing .*bias_hh_l1_reverse"),
-    ("shape", r"weight_hh_l0 has shape \(12, 5\)"),
-    ("num_layers", "num_layers=3"),
-    ("bidirectional", "bidirectional=False"),
-    ("unknown_key", "unexpected state_dict keys .*'foo'"),
-    ("proj_size", "proj_size"),
-    ("wrong_cell", "shape"),
-    ("bad_name", "unknown cell"),
-    ("empty", "no recurrent weights"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing", "missing .*weight_hh_l1"),
+        ("partial_bias", "missing .*bias_hh_l1_reverse"),
+        ("shape", r"weight_hh_l0 has shape \(12, 5\)"),
+        ("num_layers", "num_layers=3"),
+        ("bidirectional", "bidirectional=False"),
+        ("unknown_key", "unexpected state_dict keys .*'foo'"),
+        ("proj_size", "proj_size"),
+        ("wrong_cell", "shape"),
+        ("bad_name", "unknown cell"),
+        ("empty", "no recurrent weights"),
+    ],
+)
 def test_from_torch_state_dict_errors(case, match):
     sd, name, kwargs = random_state_dict("lstm"), "lstm", {}
     if case == "missing":
@@ -259,13 +263,16 @@ def torch_initial_state(torch, name, num_layers, D):
 
     def one(layer, d):
         i = layer * D + d
-        return jaxseq.LSTMState(jnp.asarray(h0[i]), jnp.asarray(c0[i])) if name == "lstm" \
+        return (
+            jaxseq.LSTMState(jnp.asarray(h0[i]), jnp.asarray(c0[i]))
+            if name == "lstm"
             else jnp.asarray(h0[i])
+        )
 
-    carry = tuple(tuple(one(l, d) for d in range(D)) if D == 2 else one(l, 0)
-                  for l in range(num_layers))
-    state = (torch.from_numpy(h0), torch.from_numpy(c0)) if name == "lstm" \
-        else torch.from_numpy(h0)
+    carry = tuple(
+        tuple(one(l, d) for d in range(D)) if D == 2 else one(l, 0) for l in range(num_layers)
+    )
+    state = (torch.from_numpy(h0), torch.from_numpy(c0)) if name == "lstm" else torch.from_numpy(h0)
     return state, carry
 
 
@@ -277,14 +284,22 @@ def assert_final_state_matches(name, carry, state, num_layers, D):
             want = h_n[layer * D + d].detach().numpy()
             np.testing.assert_allclose(c.h if name == "lstm" else c, want, atol=1e-5, rtol=0)
             if name == "lstm":
-                np.testing.assert_allclose(c.c, state[1][layer * D + d].detach().numpy(),
-                                           atol=1e-5, rtol=0)
+                np.testing.assert_allclose(
+                    c.c, state[1][layer * D + d].detach().numpy(), atol=1e-5, rtol=0
+                )
 
 
-@pytest.mark.parametrize("name,bidirectional,packed", [
-    ("rnn", False, False), ("rnn", True, True), ("lstm", False, False),
-    ("lstm", True, True), ("gru", False, True), ("gru", True, False),
-])
+@pytest.mark.parametrize(
+    "name,bidirectional,packed",
+    [
+        ("rnn", False, False),
+        ("rnn", True, True),
+        ("lstm", False, False),
+        ("lstm", True, True),
+        ("gru", False, True),
+        ("gru", True, False),
+    ],
+)
 def test_torch_parity(torch, name, bidirectional, packed):
     """Two layers, time-major; ``packed`` uses PackedSequence against ``seq_lengths``."""
     L, D = 2, 2 if bidirectional else 1
@@ -296,7 +311,8 @@ def test_torch_parity(torch, name, bidirectional, packed):
         inputs = torch.from_numpy(xs)
         if packed:
             inputs = torch.nn.utils.rnn.pack_padded_sequence(
-                inputs, torch.from_numpy(lengths), enforce_sorted=False)
+                inputs, torch.from_numpy(lengths), enforce_sorted=False
+            )
         out, state = module(inputs, state0)
         if packed:
             out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)
@@ -305,8 +321,9 @@ def test_torch_parity(torch, name, bidirectional, packed):
     params, info = jaxseq.from_torch_state_dict(sd, name)
     assert info == jaxseq.TorchRNNInfo(name, F, H, L, bidirectional, True)
     net = jaxseq.stack(jaxseq.make_cell(name, H), L, bidirectional=bidirectional)
-    carry, ys = jax.jit(net.apply)(params, carry0, jnp.asarray(xs),
-                                   seq_lengths=jnp.asarray(lengths) if packed else None)
+    carry, ys = jax.jit(net.apply)(
+        params, carry0, jnp.asarray(xs), seq_lengths=jnp.asarray(lengths) if packed else None
+    )
     chex.assert_shape(ys, (T, B, D * H))
     np.testing.assert_allclose(ys, out.numpy(), atol=1e-5, rtol=0)
     assert_final_state_matches(name, carry, state, L, D)
@@ -321,7 +338,8 @@ def test_torch_parity_relu_and_no_bias(torch, variant):
     with torch.no_grad():
         out, h_n = module(torch.from_numpy(xs))
     params, info = jaxseq.from_torch_state_dict(
-        {k: v.numpy() for k, v in module.state_dict().items()}, name)
+        {k: v.numpy() for k, v in module.state_dict().items()}, name
+    )
     assert info.bias == (variant != "no_bias")
     cell = jaxseq.rnn(H, activation="relu") if variant == "relu" else jaxseq.gru(H)
     carry, ys = jaxseq.unroll(cell, params[0], cell.initial_carry((B,)), jnp.asarray(xs))
@@ -353,17 +371,20 @@ def test_to_torch_state_dict_round_trip_without_torch():
         chex.assert_trees_all_equal(back, params)  # exact: b + 0 is b
     one = jaxseq.to_torch_state_dict(params[0][1], cell, prefix="rnn.", as_numpy=True)
     assert set(one) == {f"rnn.{k}_l0" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-    np.testing.assert_array_equal(one["rnn.bias_hh_l0"][:2 * H], 0.0)
-    np.testing.assert_array_equal(one["rnn.bias_hh_l0"][2 * H:], params[0][1].b_hn)
+    np.testing.assert_array_equal(one["rnn.bias_hh_l0"][: 2 * H], 0.0)
+    np.testing.assert_array_equal(one["rnn.bias_hh_l0"][2 * H :], params[0][1].b_hn)
 
 
-@pytest.mark.parametrize("case,match", [
-    ("cho", r"reset_after=False.*Cho"),
-    ("mingru", "no counterpart of the 'mingru' cell"),
-    ("stack", "the Stack has 3 layers"),
-    ("wrong_params", "params must be a LSTMParams"),
-    ("shapes", r"layer 1: w_ih \(5, 12\)"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("cho", r"reset_after=False.*Cho"),
+        ("mingru", "no counterpart of the 'mingru' cell"),
+        ("stack", "the Stack has 3 layers"),
+        ("wrong_params", "params must be a LSTMParams"),
+        ("shapes", r"layer 1: w_ih \(5, 12\)"),
+    ],
+)
 def test_to_torch_state_dict_errors(case, match):
     cell, net, params = random_stack_params("gru", bidirectional=False)
     target = cell
@@ -383,8 +404,10 @@ def test_to_torch_state_dict_errors(case, match):
         jaxseq.to_torch_state_dict(params, target, as_numpy=True)
 
 
-@pytest.mark.parametrize("name,bidirectional", [
-    ("rnn", True), ("lstm", True), ("gru", False), ("gru", True), ("rnn_relu", False)])
+@pytest.mark.parametrize(
+    "name,bidirectional",
+    [("rnn", True), ("lstm", True), ("gru", False), ("gru", True), ("rnn_relu", False)],
+)
 def test_to_torch_state_dict_loads_into_torch_and_matches(torch, name, bidirectional):
     cell_name, kwargs = ("rnn", dict(activation="relu")) if name == "rnn_relu" else (name, {})
     L, D = 2, 2 if bidirectional else 1
@@ -402,7 +425,8 @@ def test_to_torch_state_dict_loads_into_torch_and_matches(torch, name, bidirecti
     assert_final_state_matches(cell_name, carry, state, L, D)
     # And back: the state_dict torch now holds gives the params again, exactly.
     back, _ = jaxseq.from_torch_state_dict(
-        {k: v.numpy() for k, v in module.state_dict().items()}, cell_name)
+        {k: v.numpy() for k, v in module.state_dict().items()}, cell_name
+    )
     chex.assert_trees_all_equal(back, params)
 
 
@@ -439,14 +463,20 @@ def test_to_flax_linen_params_errors():
 
 def test_equinox_arrays_round_trip_without_equinox():
     for cell in (jaxseq.lstm(H), jaxseq.gru(H)):
-        params = jax.tree.map(lambda a: a + normal(4, a.shape, 0.5),
-                              cell.init(jax.random.key(0), F))
+        params = jax.tree.map(
+            lambda a: a + normal(4, a.shape, 0.5), cell.init(jax.random.key(0), F)
+        )
         arrays = jaxseq.to_equinox_arrays(params, cell)
         chex.assert_shape(arrays["weight_ih"], (cell.num_gates * H, F))
         chex.assert_trees_all_equal(jaxseq.from_equinox(arrays, cell_name=cell.name), params)
-    no_bias = jaxseq.from_equinox({"weight_ih": np.ones((3 * H, F), np.float32),
-                                   "weight_hh": np.ones((3 * H, H), np.float32),
-                                   "bias": None, "bias_n": None})
+    no_bias = jaxseq.from_equinox(
+        {
+            "weight_ih": np.ones((3 * H, F), np.float32),
+            "weight_hh": np.ones((3 * H, H), np.float32),
+            "bias": None,
+            "bias_n": None,
+        }
+    )
     assert not np.any(np.asarray(no_bias.b)) and not np.any(np.asarray(no_bias.b_hn))
     with pytest.raises(ValueError, match="neither an LSTMCell"):
         jaxseq.from_equinox({"weight_ih": np.ones((2 * H, F)), "weight_hh": np.ones((2 * H, H))})
@@ -470,7 +500,9 @@ def test_equinox_parity_and_round_trip(name):
             def step(c, x):
                 c = module(x, c)
                 return c, (c[0] if name == "lstm" else c)
+
             return jax.lax.scan(step, carry, xs_b)
+
         return jax.vmap(one_sequence, in_axes=(0, 1), out_axes=(0, 1))(eqx_carry0, xs)
 
     eqx_carry, eqx_ys = run_eqx(eqx_cell)
@@ -484,7 +516,10 @@ def test_equinox_parity_and_round_trip(name):
 
     arrays = jaxseq.to_equinox_arrays(params, cell)
     names = sorted(arrays)
-    fresh = eqx.tree_at(lambda c: [getattr(c, n) for n in names],
-                        cls(F, H, key=jax.random.key(9)), [arrays[n] for n in names])
+    fresh = eqx.tree_at(
+        lambda c: [getattr(c, n) for n in names],
+        cls(F, H, key=jax.random.key(9)),
+        [arrays[n] for n in names],
+    )
     chex.assert_trees_all_equal(jaxseq.from_equinox(fresh), params)
     chex.assert_trees_all_close(run_eqx(fresh)[1], eqx_ys, atol=1e-6, rtol=0)

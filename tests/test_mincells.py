@@ -48,7 +48,7 @@ def reference_step(name, p, h, x):
 
 def reference_run(name, p, h, xs, reverse=False):
     ys = np.zeros((*xs.shape[:-1], H))
-    for t in (range(len(xs) - 1, -1, -1) if reverse else range(len(xs))):
+    for t in range(len(xs) - 1, -1, -1) if reverse else range(len(xs)):
         h = reference_step(name, p, h, xs[t])
         ys[t] = h
     return h, ys
@@ -56,10 +56,10 @@ def reference_run(name, p, h, xs, reverse=False):
 
 def fused_params(name, p, dtype):
     """The per-gate reference params as jaxseq's ``MinParams`` (blocks in gate order)."""
-    return jaxseq._cells.MinParams(w_ih=jnp.asarray(np.concatenate([w for w, _ in p.values()], 1),
-                                                   dtype),
-                                   b=jnp.asarray(np.concatenate([b for _, b in p.values()]),
-                                                 dtype))
+    return jaxseq._cells.MinParams(
+        w_ih=jnp.asarray(np.concatenate([w for w, _ in p.values()], 1), dtype),
+        b=jnp.asarray(np.concatenate([b for _, b in p.values()]), dtype),
+    )
 
 
 def setup(name, batch, seed=0, dtype=jnp.float32, num_steps=T):
@@ -74,7 +74,7 @@ def setup(name, batch, seed=0, dtype=jnp.float32, num_steps=T):
 def sequential(a, b, h0, reverse=False):
     """``h_t = a_t h_{t-1} + b_t`` as a float64 Python loop."""
     hs, h = np.zeros(a.shape), np.asarray(h0, np.float64)
-    for t in (range(len(a) - 1, -1, -1) if reverse else range(len(a))):
+    for t in range(len(a) - 1, -1, -1) if reverse else range(len(a)):
         h = a[t] * h + b[t]
         hs[t] = h
     return hs
@@ -103,7 +103,8 @@ def test_apply_and_unroll_match_numpy_reference(name, reverse):
     got = {"apply loop": jaxseq.reference_unroll(cell, params, carry, x32, reverse=reverse)}
     for impl in UNROLL_IMPLS:
         got[impl] = jax.jit(functools.partial(jaxseq.unroll, cell, reverse=reverse, impl=impl))(
-            params, carry, x32)
+            params, carry, x32
+        )
     for how, (h, ys) in got.items():
         chex.assert_shape(ys, (T, *batch, H))
         np.testing.assert_allclose(ys, want_ys, atol=2e-6, rtol=0, err_msg=how)
@@ -140,9 +141,9 @@ def test_seq_lengths_associative_matches_masked_scan(name, reverse):
     lengths = jnp.array([T, 2, 0, 4])
     cell, _, params, h0, xs = setup(name, (4,), seed=3)
     carry, xs = jnp.asarray(h0, jnp.float32), jnp.asarray(xs, jnp.float32)
-    run = lambda impl: jax.jit(functools.partial(
-        jaxseq.unroll, cell, reverse=reverse, impl=impl))(params, carry, xs,
-                                                          seq_lengths=lengths)
+    run = lambda impl: jax.jit(functools.partial(jaxseq.unroll, cell, reverse=reverse, impl=impl))(
+        params, carry, xs, seq_lengths=lengths
+    )
     want_h, want_ys = run("scan")
     got_h, got_ys = run("associative")
     np.testing.assert_allclose(got_ys, want_ys, atol=1e-6, rtol=0)
@@ -159,14 +160,21 @@ def test_gradients_float64_associative_equal_scan(name, reverse):
         weights = jnp.asarray(np.random.default_rng(5).standard_normal((T, 2, H)))
 
         def loss(params, carry, xs, impl):
-            final, ys = jaxseq.unroll(cell, params, carry, xs, impl=impl, reverse=reverse,
-                                      seq_lengths=lengths)
-            return jnp.sum(weights * jnp.sin(ys)) + jnp.sum(final ** 2)
+            final, ys = jaxseq.unroll(
+                cell, params, carry, xs, impl=impl, reverse=reverse, seq_lengths=lengths
+            )
+            return jnp.sum(weights * jnp.sin(ys)) + jnp.sum(final**2)
 
         args = (params, jnp.asarray(h0), jnp.asarray(xs))
         if not reverse:  # once against finite differences; the scan's own are in test_unroll
-            check_grads(jax.jit(functools.partial(loss, impl="associative")), args, order=1,
-                        modes=("rev",), atol=1e-6, rtol=1e-6)
+            check_grads(
+                jax.jit(functools.partial(loss, impl="associative")),
+                args,
+                order=1,
+                modes=("rev",),
+                atol=1e-6,
+                rtol=1e-6,
+            )
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
         got, want = grad(*args, "associative"), grad(*args, "scan")
         chex.assert_trees_all_close(got, want, atol=1e-12, rtol=1e-12)
@@ -179,8 +187,9 @@ def test_impl_errors_and_auto_choice():
     gru = jaxseq.gru(H)
     xs = jnp.zeros((T, 2, F))
     with pytest.raises(ValueError, match="impl='associative'.*'gru' cell.*not linear"):
-        jaxseq.unroll(gru, gru.init(jax.random.key(0), F), gru.initial_carry((2,)), xs,
-                      impl="associative")
+        jaxseq.unroll(
+            gru, gru.init(jax.random.key(0), F), gru.initial_carry((2,)), xs, impl="associative"
+        )
     cell = jaxseq.mingru(H)
     params = cell.init(jax.random.key(0), F)
     with pytest.raises(ValueError, match="impl='fused'.*no fused kernel"):
@@ -191,8 +200,11 @@ def test_impl_errors_and_auto_choice():
         jaxseq.unroll(cell, params, cell.initial_carry((2,)), xs, impl="parallel")
     # What "auto" runs is visible in the program: a scan on CPU, none elsewhere.
     assert not associative_pays("cpu") and associative_pays("gpu")
-    program = lambda impl: str(jax.make_jaxpr(functools.partial(
-        jaxseq.unroll, cell, impl=impl))(params, cell.initial_carry((2,)), xs))
+    program = lambda impl: str(
+        jax.make_jaxpr(functools.partial(jaxseq.unroll, cell, impl=impl))(
+            params, cell.initial_carry((2,)), xs
+        )
+    )
     assert "scan[" in program("scan") and "scan[" not in program("associative")
     assert ("scan[" in program("auto")) == (not associative_pays(jax.default_backend()))
 
@@ -203,10 +215,12 @@ def test_unroll_embedded_associative():
     table = jnp.asarray(np.random.default_rng(6).standard_normal((7, F)), jnp.float32)
     tokens = jnp.asarray(np.random.default_rng(7).integers(0, 7, (T, 2)))
     carry = jnp.ones((2, H))
-    got = jax.jit(functools.partial(jaxseq.unroll_embedded, cell, reverse=True,
-                                    impl="associative"))(params, carry, table, tokens)
+    got = jax.jit(
+        functools.partial(jaxseq.unroll_embedded, cell, reverse=True, impl="associative")
+    )(params, carry, table, tokens)
     want = jax.jit(functools.partial(jaxseq.unroll, cell, reverse=True, impl="scan"))(
-        params, carry, table[tokens])
+        params, carry, table[tokens]
+    )
     chex.assert_trees_all_close(got, want, atol=1e-6, rtol=0)
 
 
@@ -217,9 +231,12 @@ def test_bidirectional_stack_runs_both_impls():
     carry = net.initial_carry((3,))
     xs = jnp.asarray(np.random.default_rng(8).standard_normal((T, 3, F)), jnp.float32)
     lengths = jnp.array([T, 1, 4])
-    runs = {impl: jax.jit(functools.partial(net.apply, impl=impl))(params, carry, xs,
-                                                                   seq_lengths=lengths)
-            for impl in ("scan", "associative")}
+    runs = {
+        impl: jax.jit(functools.partial(net.apply, impl=impl))(
+            params, carry, xs, seq_lengths=lengths
+        )
+        for impl in ("scan", "associative")
+    }
     chex.assert_shape(runs["associative"][1], (T, 3, 2 * H))
     chex.assert_trees_all_equal_shapes_and_dtypes(runs["associative"][0], carry)
     chex.assert_trees_all_close(runs["associative"], runs["scan"], atol=1e-5, rtol=0)
@@ -261,29 +278,40 @@ def test_linear_recurrence_gradients_float64():
         a = jnp.asarray(sigmoid(rng.standard_normal((9, 2, 3))))
         b, h0 = jnp.asarray(rng.standard_normal((9, 2, 3))), jnp.asarray(rng.standard_normal(3))
         for reverse in (False, True):
-            f = {impl: functools.partial(jaxseq.linear_recurrence, impl=impl, reverse=reverse)
-                 for impl in ("scan", "associative")}
+            f = {
+                impl: functools.partial(jaxseq.linear_recurrence, impl=impl, reverse=reverse)
+                for impl in ("scan", "associative")
+            }
             if not reverse:  # plain JAX: forward mode works too, unlike a custom_vjp
-                check_grads(jax.jit(f["associative"]), (a, b, h0), order=1,
-                            modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+                check_grads(
+                    jax.jit(f["associative"]),
+                    (a, b, h0),
+                    order=1,
+                    modes=("fwd", "rev"),
+                    atol=1e-6,
+                    rtol=1e-6,
+                )
             cotangent = jnp.asarray(rng.standard_normal((9, 2, 3)))
-            vjp = {k: jax.jit(lambda *args, g=g: jax.vjp(g, *args[:3])[1](args[3]))(
-                a, b, h0, cotangent) for k, g in f.items()}
-            chex.assert_trees_all_close(vjp["associative"], vjp["scan"], atol=1e-13,
-                                        rtol=1e-13)
+            vjp = {
+                k: jax.jit(lambda *args, g=g: jax.vjp(g, *args[:3])[1](args[3]))(
+                    a, b, h0, cotangent
+                )
+                for k, g in f.items()
+            }
+            chex.assert_trees_all_close(vjp["associative"], vjp["scan"], atol=1e-13, rtol=1e-13)
 
 
 def test_linear_recurrence_edge_cases():
-    empty = jaxseq.linear_recurrence(jnp.zeros((0, 2, 3)), jnp.zeros((0, 2, 3)),
-                                     jnp.ones((2, 3)), impl="associative")
+    empty = jaxseq.linear_recurrence(
+        jnp.zeros((0, 2, 3)), jnp.zeros((0, 2, 3)), jnp.ones((2, 3)), impl="associative"
+    )
     chex.assert_shape(empty, (0, 2, 3))
     with pytest.raises(ValueError, match="a and b"):
         jaxseq.linear_recurrence(jnp.zeros((4, 3)), jnp.zeros((4, 2)), jnp.zeros(3))
     with pytest.raises(ValueError, match="h0"):
         jaxseq.linear_recurrence(jnp.zeros((4, 3)), jnp.zeros((4, 3)), jnp.zeros(2))
     with pytest.raises(ValueError, match="impl"):
-        jaxseq.linear_recurrence(jnp.zeros((4, 3)), jnp.zeros((4, 3)), jnp.zeros(3),
-                                 impl="fused")
+        jaxseq.linear_recurrence(jnp.zeros((4, 3)), jnp.zeros((4, 3)), jnp.zeros(3), impl="fused")
 
 
 # ---------------------------------------------------------------- language model use
@@ -297,8 +325,7 @@ def test_char_lm_overfits_and_samples():
     optimizer = optax.adam(2e-2)
 
     def loss_fn(params):
-        _, logits = model.apply(params, model.initial_carry((4,)), tokens[:-1],
-                                impl="associative")
+        _, logits = model.apply(params, model.initial_carry((4,)), tokens[:-1], impl="associative")
         return jnp.mean(jaxseq.models.cross_entropy(logits, tokens[1:]))
 
     @jax.jit
@@ -316,8 +343,9 @@ def test_char_lm_overfits_and_samples():
         first = float(loss) if first is None else first
     assert first > 0.9 * np.log(V)  # starts near chance: ln 8 = 2.08 nats
     assert float(loss) < 0.5, (first, float(loss))  # 64 random tokens memorised
-    draw = functools.partial(jaxseq.sample.sample, model, params, jax.random.key(1),
-                             tokens[:3, 0], length=12, num=2)
+    draw = functools.partial(
+        jaxseq.sample.sample, model, params, jax.random.key(1), tokens[:3, 0], length=12, num=2
+    )
     samples = draw()
     chex.assert_shape(samples, (2, 12))
     assert samples.dtype == jnp.int32
@@ -328,7 +356,8 @@ def test_char_lm_overfits_and_samples():
 def test_two_layer_minlstm_char_lm_samples():
     model = jaxseq.models.char_lm(6, cell="minlstm", hidden=8, layers=2, embed=4)
     params = model.init(jax.random.key(2))
-    samples = jaxseq.sample.sample(model, params, jax.random.key(3), jnp.array([1, 2]),
-                                   length=5, num=3)
+    samples = jaxseq.sample.sample(
+        model, params, jax.random.key(3), jnp.array([1, 2]), length=5, num=3
+    )
     chex.assert_shape(samples, (3, 5))
     assert np.all((np.asarray(samples) >= 0) & (np.asarray(samples) < 6))

@@ -55,8 +55,7 @@ NNX_CELLS = {
     "LSTMCell": (nnx.LSTMCell, lambda: jaxseq.lstm(H)),
     "OptimizedLSTMCell": (nnx.OptimizedLSTMCell, lambda: jaxseq.lstm(H)),
     "GRUCell": (nnx.GRUCell, lambda: jaxseq.gru(H)),
-    "GRUCell+hn_bias": (nnx.GRUCell if _REAL_HN_BIAS else GRUCellWithHnBias,
-                        lambda: jaxseq.gru(H)),
+    "GRUCell+hn_bias": (nnx.GRUCell if _REAL_HN_BIAS else GRUCellWithHnBias, lambda: jaxseq.gru(H)),
 }
 
 
@@ -94,8 +93,9 @@ def test_nnx_cell_parity_and_round_trip(nnx_name):
     if cls is GRUCellWithHnBias:
         fresh = cls(F, H, rngs=nnx.Rngs(9))
         state = nnx.state(fresh, nnx.Param)
-        nnx.replace_by_pure_dict(state, jaxseq.to_flax_nnx_state(params, cell, target,
-                                                                 hn_bias=True))
+        nnx.replace_by_pure_dict(
+            state, jaxseq.to_flax_nnx_state(params, cell, target, hn_bias=True)
+        )
         nnx.update(fresh, state)
     else:
         fresh = jaxseq.to_flax_nnx(params, cell, target=target)
@@ -156,14 +156,16 @@ def test_cell_module_in_nnx_rnn_equals_unroll(name):
     params = noisy(module.params)
     module = jnnx.Cell(cell, F, params=params)
     assert set(nnx.to_pure_dict(nnx.state(module, nnx.Param))) == {
-        k for k, v in params._asdict().items() if v is not None}
+        k for k, v in params._asdict().items() if v is not None
+    }
     xs_bt = normal(1, (B, T, F))  # nnx.RNN's default layout: (batch, time, F)
     xs = jnp.swapaxes(xs_bt, 0, 1)
     lengths = jnp.array([T, 2, 4])
     carry0 = jax.tree.map(lambda a: a + 0.5, cell.initial_carry((B,)))
     layer = nnx.RNN(module, return_carry=True)
     nnx_carry, nnx_ys = nnx.jit(lambda m, x, c: m(x, initial_carry=c, seq_lengths=lengths))(
-        layer, xs_bt, carry0)
+        layer, xs_bt, carry0
+    )
     carry, ys = jaxseq.unroll(cell, params, carry0, xs, seq_lengths=lengths)
     chex.assert_trees_all_close(nnx_carry, carry, atol=1e-5, rtol=0)
     for b, length in enumerate(lengths):  # nnx.RNN leaves padding outputs unspecified
@@ -178,8 +180,9 @@ def test_stack_module_equals_the_functional_stack_and_splits():
     cell = jaxseq.gru(H)
     net = jnnx.Stack(cell, F, 2, bidirectional=True, dropout=0.5, rngs=nnx.Rngs(0))
     params = noisy(net.params)
-    net = jnnx.Stack(cell, F, 2, bidirectional=True, dropout=0.5, params=params,
-                     rngs=nnx.Rngs(dropout=3))
+    net = jnnx.Stack(
+        cell, F, 2, bidirectional=True, dropout=0.5, params=params, rngs=nnx.Rngs(dropout=3)
+    )
     functional = jaxseq.stack(cell, 2, bidirectional=True, dropout=0.5)
     xs = normal(2, (T, B, F))
     carry0 = functional.initial_carry((B,))
@@ -188,16 +191,16 @@ def test_stack_module_equals_the_functional_stack_and_splits():
     apply = jax.jit(functional.apply)
     # Dropout drawn from a given key is the functional stack's with that key.
     got = run(net, xs, carry0, key)
-    chex.assert_trees_all_close(got, apply(params, carry0, xs, dropout_key=key), atol=1e-6,
-                                rtol=0)
+    chex.assert_trees_all_close(got, apply(params, carry0, xs, dropout_key=key), atol=1e-6, rtol=0)
     # From the module's own stream (None: no key given): a fresh mask each call; none
     # after eval().
     _, a = run(net, xs, carry0, None)
     _, b = run(net, xs, carry0, None)
     assert not np.allclose(a, b)
     net.eval()
-    chex.assert_trees_all_close(run(net, xs, carry0, None), apply(params, carry0, xs),
-                                atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(
+        run(net, xs, carry0, None), apply(params, carry0, xs), atol=1e-6, rtol=0
+    )
     # nnx.split / nnx.merge keep the jaxseq params and the behaviour.
     graphdef, state = nnx.split(net)
     pure = nnx.to_pure_dict(state)
@@ -258,9 +261,13 @@ def test_charlm_nnx_train_step_equals_the_functional_step_and_traces_once():
 def test_nnx_is_imported_on_use_only():
     import subprocess
     import sys
-    code = ("import sys, jaxseq; before = 'flax' in sys.modules\n"
-            "cls = jaxseq.nnx.CharLM\n"
-            "print(before, 'flax.nnx' in sys.modules, cls.__module__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=True).stdout.split()
+
+    code = (
+        "import sys, jaxseq; before = 'flax' in sys.modules\n"
+        "cls = jaxseq.nnx.CharLM\n"
+        "print(before, 'flax.nnx' in sys.modules, cls.__module__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
     assert out == ["False", "True", "jaxseq.nnx"]

@@ -12,9 +12,31 @@ import pytest
 from experiments import charrnn as cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ARGS = ["--layers", "2", "--hidden", "24", "--embed", "8", "--batch", "8", "--seq", "16",
-        "--steps", "12", "--eval-every", "6", "--save-every", "6", "--log-every", "3",
-        "--sample-length", "0", "--dropout", "0.1", "--no-progress"]
+ARGS = [
+    "--layers",
+    "2",
+    "--hidden",
+    "24",
+    "--embed",
+    "8",
+    "--batch",
+    "8",
+    "--seq",
+    "16",
+    "--steps",
+    "12",
+    "--eval-every",
+    "6",
+    "--save-every",
+    "6",
+    "--log-every",
+    "3",
+    "--sample-length",
+    "0",
+    "--dropout",
+    "0.1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +74,23 @@ def assert_same_run(a, b, tol):
 
 def run_cli(args, env_extra=None, timeout=300):
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "experiments.charrnn", *map(str, args)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.charrnn", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
 def test_four_devices_match_one(corpus, single, tmp_path):
     out = tmp_path / "four"
-    proc = run_cli(["--data", corpus, "--out", out, *ARGS],
-                   {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    proc = run_cli(
+        ["--data", corpus, "--out", out, *ARGS],
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "4 cpu device(s)" in err
@@ -70,8 +99,10 @@ def test_four_devices_match_one(corpus, single, tmp_path):
 
 @pytest.mark.slow
 def test_batch_must_divide_over_devices(corpus, tmp_path):
-    proc = run_cli(["--data", corpus, "--out", tmp_path / "r", *ARGS, "--batch", 6],
-                   {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    proc = run_cli(
+        ["--data", corpus, "--out", tmp_path / "r", *ARGS, "--batch", 6],
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "divide evenly" in err and "Traceback" not in err
 
@@ -80,9 +111,24 @@ def test_batch_must_divide_over_devices(corpus, tmp_path):
 def test_two_processes_match_one(corpus, single, tmp_path, free_port):
     out = tmp_path / "two"
     port = free_port
-    procs = [run_cli(["--data", corpus, "--out", out, *ARGS, "--coordinator",
-                      f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", i])
-             for i in range(2)]
+    procs = [
+        run_cli(
+            [
+                "--data",
+                corpus,
+                "--out",
+                out,
+                *ARGS,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                2,
+                "--process-id",
+                i,
+            ]
+        )
+        for i in range(2)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err
@@ -118,8 +164,14 @@ def test_each_device_runs_the_recurrent_layers_on_its_own_rows(cell, dropout):
     """The fused layers (table-lookup path without dropout, plain path with it) run on 3 rows
     per device: no whole-batch (6, 12, ...) activation and no all-gather in the program."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    proc = subprocess.run([sys.executable, "-c", SPLIT_STEP, cell, str(dropout)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SPLIT_STEP, cell, str(dropout)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     hlo = proc.stdout
     assert "while" in hlo and "[6,3," in hlo  # the time loops, over this device's rows

@@ -18,8 +18,25 @@ from experiments import charrnn as cli
 from jaxseq import checkpoint as ckpt
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--layers", "1", "--hidden", "24", "--embed", "8", "--batch", "4", "--seq", "16",
-        "--eval-every", "1000", "--log-every", "5", "--sample-length", "0", "--no-progress"]
+TINY = [
+    "--layers",
+    "1",
+    "--hidden",
+    "24",
+    "--embed",
+    "8",
+    "--batch",
+    "4",
+    "--seq",
+    "16",
+    "--eval-every",
+    "1000",
+    "--log-every",
+    "5",
+    "--sample-length",
+    "0",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +55,15 @@ def command(*args):
 
 def spawn(*args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(command(*args), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        command(*args),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def leaves(run_dir):
@@ -109,8 +133,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(corpus, tmp_
 @pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_says_how_to_resume(corpus, tmp_path):
     run = tmp_path / "run"
-    proc = spawn("--data", corpus, "--out", run, "--steps", 100000, "--save-every", 100000,
-                 *TINY)
+    proc = spawn("--data", corpus, "--out", run, "--steps", 100000, "--save-every", 100000, *TINY)
     assert wait_for_step(proc, run, 5)  # training is under way
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -124,8 +147,7 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(corpus, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_too(corpus, tmp_path):
     run = tmp_path / "run"
-    proc = spawn("--data", corpus, "--out", run, "--steps", 100000, "--save-every", 100000,
-                 *TINY)
+    proc = spawn("--data", corpus, "--out", run, "--steps", 100000, "--save-every", 100000, *TINY)
     assert wait_for_step(proc, run, 5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -136,8 +158,12 @@ def test_sigterm_saves_too(corpus, tmp_path):
 @pytest.fixture
 def trained_run(corpus, tmp_path):
     run = tmp_path / "run"
-    assert cli.main([*map(str, ["--data", corpus, "--out", run, "--steps", 10,
-                                "--save-every", 5, *TINY])]) == 0
+    assert (
+        cli.main(
+            [*map(str, ["--data", corpus, "--out", run, "--steps", 10, "--save-every", 5, *TINY])]
+        )
+        == 0
+    )
     return run
 
 
@@ -154,13 +180,18 @@ def test_damaged_checkpoint_is_refused_with_one_line(trained_run, damage, capsys
             needle = z[biggest].tobytes()[:64]
         at = bytes(data).find(needle)
         assert at > 0
-        data[at:at + 16] = bytes(b ^ 0xFF for b in data[at:at + 16])
+        data[at : at + 16] = bytes(b ^ 0xFF for b in data[at : at + 16])
     path.write_bytes(bytes(data))
     (trained_run / "checkpoint.prev.npz").unlink()
     with pytest.raises(Exception, match="corrupt|truncated|no readable"):
         cli.main(["sample", "--checkpoint", str(trained_run)])
-    proc = subprocess.run(command("sample", "--checkpoint", trained_run), cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        command("sample", "--checkpoint", trained_run),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -176,17 +207,39 @@ def test_resume_falls_back_to_previous_checkpoint(trained_run, corpus):
 def test_resume_without_checkpoint_starts_over(corpus, tmp_path, capsys):
     run = tmp_path / "empty"
     run.mkdir()
-    assert cli.main([*map(str, ["--data", corpus, "--out", run, "--steps", 5, *TINY]),
-                     "--resume"]) == 0
+    assert (
+        cli.main([*map(str, ["--data", corpus, "--out", run, "--steps", 5, *TINY]), "--resume"])
+        == 0
+    )
     assert "starting from the beginning" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_names_the_step(corpus, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.run(command("--data", corpus, "--out", run, "--steps", 50, "--lr", "1e38",
-                                  "--clip", 0, "--warmup", 0, "--save-every", 1, *TINY),
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        command(
+            "--data",
+            corpus,
+            "--out",
+            run,
+            "--steps",
+            50,
+            "--lr",
+            "1e38",
+            "--clip",
+            0,
+            "--warmup",
+            0,
+            "--save-every",
+            1,
+            *TINY,
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 3
     assert "Traceback" not in proc.stderr
     line = [l for l in proc.stderr.splitlines() if "non-finite" in l]
@@ -196,8 +249,11 @@ def test_non_finite_loss_stops_and_names_the_step(corpus, tmp_path):
     meta = ckpt.read_meta(ckpt.find(run))
     assert meta["step"] == step - 1
     with np.load(run / "checkpoint.npz") as z:
-        assert all(np.isfinite(z[k]).all() for k in z.files
-                   if k.startswith("leaf_") and z[k].dtype.kind == "f")
+        assert all(
+            np.isfinite(z[k]).all()
+            for k in z.files
+            if k.startswith("leaf_") and z[k].dtype.kind == "f"
+        )
 
 
 def test_skip_policy_keeps_going(corpus, tmp_path):
@@ -205,22 +261,42 @@ def test_skip_policy_keeps_going(corpus, tmp_path):
     Each skipped step is logged, leaves the parameters as they were, and the run ends."""
     from jaxseq.charrnn import CharRNNConfig
 
-    config = CharRNNConfig(layers=1, hidden=24, embed=8, batch=4, seq=16, steps=6, lr=1e38,
-                           clip=0, warmup=0, nan_policy="skip", log_every=5, eval_every=1000,
-                           sample_length=0)
+    config = CharRNNConfig(
+        layers=1,
+        hidden=24,
+        embed=8,
+        batch=4,
+        seq=16,
+        steps=6,
+        lr=1e38,
+        clip=0,
+        warmup=0,
+        nan_policy="skip",
+        log_every=5,
+        eval_every=1000,
+        sample_length=0,
+    )
     seen, messages = [], []
 
     def record(step, metrics, state):
-        seen.append((step, bool(metrics["finite"]), [np.asarray(p) for p in
-                                                     jax.tree.leaves(state.params)]))
+        seen.append(
+            (step, bool(metrics["finite"]), [np.asarray(p) for p in jax.tree.leaves(state.params)])
+        )
 
-    result = cli.train(config, corpus.read_text(), tmp_path / "run", progress=False,
-                       log=messages.append, step_callback=record)
+    result = cli.train(
+        config,
+        corpus.read_text(),
+        tmp_path / "run",
+        progress=False,
+        log=messages.append,
+        step_callback=record,
+    )
     assert result.exit_code == 0 and [s for s, _, _ in seen] == [1, 2, 3, 4, 5, 6]
     skipped = [s for s, finite, _ in seen if not finite]
     assert skipped and skipped[0] > 1
     assert [m for m in messages if m.startswith("warning: skipped step")] == [
-        f"warning: skipped step {s}: non-finite loss or gradient" for s in skipped]
+        f"warning: skipped step {s}: non-finite loss or gradient" for s in skipped
+    ]
     for (_, _, before), (_, finite, after) in zip(seen, seen[1:]):
         if not finite:
             for a, b in zip(before, after):
@@ -237,11 +313,29 @@ def test_existing_run_directory_is_not_overwritten(trained_run, corpus):
 
 def test_resume_with_other_model_is_refused(trained_run, corpus):
     with pytest.raises(Exception, match="hidden=24 \\(now 32\\)"):
-        cli.main([*map(str, ["--data", corpus, "--out", trained_run, "--steps", 20, "--resume",
-                             *TINY, "--hidden", 32])])
+        cli.main(
+            [
+                *map(
+                    str,
+                    [
+                        "--data",
+                        corpus,
+                        "--out",
+                        trained_run,
+                        "--steps",
+                        20,
+                        "--resume",
+                        *TINY,
+                        "--hidden",
+                        32,
+                    ],
+                )
+            ]
+        )
 
 
 # --------------------------------------------------------------------------- bad input
+
 
 def _bad_inputs(tmp: pathlib.Path, corpus: pathlib.Path, run: pathlib.Path):
     empty = tmp / "empty.txt"
@@ -295,9 +389,15 @@ def test_bad_inputs_give_one_line_and_exit_2(corpus, trained_run, tmp_path):
         "print(json.dumps(out))\n"
     )
     import json
+
     argvs = {k: [str(a) for a in v] for k, v in cases.items()}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(argvs)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, (code, err) in results.items():
@@ -312,8 +412,13 @@ def test_bad_inputs_give_one_line_and_exit_2(corpus, trained_run, tmp_path):
 
 @pytest.mark.slow
 def test_bad_input_through_the_real_command_line(tmp_path):
-    proc = subprocess.run(command("--data", tmp_path / "missing.txt", "--out", tmp_path / "r"),
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        command("--data", tmp_path / "missing.txt", "--out", tmp_path / "r"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: corpus file not found: {tmp_path / 'missing.txt'}"
 

@@ -29,7 +29,8 @@ def randomize(tree, seed, scale=0.5, dtype=None):
     """Replaces every leaf (biases included) with N(0, scale²) noise of its shape."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(
-        lambda l: jnp.asarray(scale * rng.standard_normal(l.shape), dtype or l.dtype), tree)
+        lambda l: jnp.asarray(scale * rng.standard_normal(l.shape), dtype or l.dtype), tree
+    )
 
 
 def setup(name, batch, key=0, dtype=jnp.float32):
@@ -43,10 +44,11 @@ def setup(name, batch, key=0, dtype=jnp.float32):
 
 
 class UnrollTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(
-        ("rnn", (), False), ("gru", (2, 3), False), ("gru_cho", (2,), True),
+        ("rnn", (), False),
+        ("gru", (2, 3), False),
+        ("gru_cho", (2,), True),
         ("lstm", (2, 3), True),
     )
     def test_unroll_matches_reference_unroll(self, name, batch, reverse):
@@ -72,10 +74,12 @@ class UnrollTest(chex.TestCase):
             if length == 0:  # nothing to run: the initial carry comes back
                 want_carry, want_ys = carry_b, jnp.zeros((0, H))
             else:  # the Python loop over the valid prefix alone (reversed when reverse)
-                want_carry, want_ys = jaxseq.reference_unroll(cell, params, carry_b,
-                                                              xs[:length, b], reverse=reverse)
-            chex.assert_trees_all_close(jax.tree.map(lambda a: a[b], got_carry), want_carry,
-                                        atol=1e-6, rtol=0)
+                want_carry, want_ys = jaxseq.reference_unroll(
+                    cell, params, carry_b, xs[:length, b], reverse=reverse
+                )
+            chex.assert_trees_all_close(
+                jax.tree.map(lambda a: a[b], got_carry), want_carry, atol=1e-6, rtol=0
+            )
             chex.assert_trees_all_close(got_ys[:length, b], want_ys, atol=1e-6, rtol=0)
             # Padding outputs are exactly zero, not merely small.
             assert np.all(np.asarray(got_ys[length:, b]) == 0.0)
@@ -85,13 +89,16 @@ class UnrollTest(chex.TestCase):
         lengths = np.array([[1, T], [4, 0]])
         cell, params, carry, xs = setup("rnn", (2, 2), key=2)
         got_carry, got_ys = self.variant(functools.partial(jaxseq.unroll, cell))(
-            params, carry, xs, seq_lengths=lengths)
+            params, carry, xs, seq_lengths=lengths
+        )
         for i in range(2):
             for j in range(2):
                 L = lengths[i, j]
                 want_carry, want_ys = (
-                    jaxseq.reference_unroll(cell, params, carry[i, j], xs[:L, i, j]) if L
-                    else (carry[i, j], jnp.zeros((0, H))))
+                    jaxseq.reference_unroll(cell, params, carry[i, j], xs[:L, i, j])
+                    if L
+                    else (carry[i, j], jnp.zeros((0, H)))
+                )
                 np.testing.assert_allclose(got_carry[i, j], want_carry, atol=1e-6)
                 np.testing.assert_allclose(got_ys[:L, i, j], want_ys, atol=1e-6)
                 assert np.all(np.asarray(got_ys[L:, i, j]) == 0.0)
@@ -100,8 +107,12 @@ class UnrollTest(chex.TestCase):
 def test_full_lengths_equal_no_mask():
     cell, params, carry, xs = setup("gru", (3,), key=3)
     run = functools.partial(jaxseq.unroll, cell, reverse=True)
-    chex.assert_trees_all_close(run(params, carry, xs, seq_lengths=jnp.full((3,), T)),
-                                run(params, carry, xs), atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(
+        run(params, carry, xs, seq_lengths=jnp.full((3,), T)),
+        run(params, carry, xs),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 def test_windows_chain_like_truncated_bptt():
@@ -110,8 +121,9 @@ def test_windows_chain_like_truncated_bptt():
     carry_a, ys_a = jaxseq.unroll(cell, params, carry, xs[:2])
     carry_b, ys_b = jaxseq.unroll(cell, params, carry_a, xs[2:])
     carry_full, ys_full = jaxseq.unroll(cell, params, carry, xs)
-    chex.assert_trees_all_close((carry_b, jnp.concatenate([ys_a, ys_b])), (carry_full, ys_full),
-                                atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(
+        (carry_b, jnp.concatenate([ys_a, ys_b])), (carry_full, ys_full), atol=1e-6, rtol=0
+    )
 
 
 def test_jitted_unroll_traces_once():
@@ -140,14 +152,15 @@ def test_gradients_through_unroll_float64(name, order):
 
         def loss(params, carry, xs):
             final, ys = jaxseq.unroll(cell, params, carry, xs)
-            return jnp.sum(weights * ys) + sum(jnp.sum(l ** 2) for l in jax.tree.leaves(final))
+            return jnp.sum(weights * ys) + sum(jnp.sum(l**2) for l in jax.tree.leaves(final))
 
         # jit keeps the many evaluations of check_grads cheap; it does not change the maths.
         # Finite differences of finite differences (order 2) are less exact; a wrong
         # gradient is off by O(1), far beyond either bound.
         tol = 1e-5 if order == 1 else 1e-4
-        check_grads(jax.jit(loss), (params, carry, xs), order=order, modes=("rev",),
-                    atol=tol, rtol=tol)
+        check_grads(
+            jax.jit(loss), (params, carry, xs), order=order, modes=("rev",), atol=tol, rtol=tol
+        )
 
 
 def test_gradients_with_seq_lengths_and_reverse_float64():
@@ -156,12 +169,10 @@ def test_gradients_with_seq_lengths_and_reverse_float64():
         lengths = jnp.array([T, 3, 1])
 
         def loss(params, xs):
-            final, ys = jaxseq.unroll(cell, params, carry, xs, reverse=True,
-                                      seq_lengths=lengths)
+            final, ys = jaxseq.unroll(cell, params, carry, xs, reverse=True, seq_lengths=lengths)
             return jnp.sum(jnp.sin(ys)) + jnp.sum(final.c)
 
-        check_grads(jax.jit(loss), (params, xs), order=1, modes=("rev",), atol=1e-5,
-                    rtol=1e-5)
+        check_grads(jax.jit(loss), (params, xs), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
         # Inputs past each sequence's end cannot influence anything.
         g = jax.grad(loss, argnums=1)(params, xs)
         assert np.all(np.asarray(g[3:, 1]) == 0.0) and np.all(np.asarray(g[1:, 2]) == 0.0)
@@ -171,8 +182,10 @@ def test_gradients_with_seq_lengths_and_reverse_float64():
 # ------------------------------------------------------------------------------- stack
 
 
-@pytest.mark.parametrize("num_layers,bidirectional,batch",
-                         [(1, False, (2,)), (3, False, (2, 3)), (2, True, (2,)), (2, True, ())])
+@pytest.mark.parametrize(
+    "num_layers,bidirectional,batch",
+    [(1, False, (2,)), (3, False, (2, 3)), (2, True, (2,)), (2, True, ())],
+)
 def test_stack_shapes(num_layers, bidirectional, batch):
     net = jaxseq.stack(jaxseq.lstm(H), num_layers, bidirectional=bidirectional)
     params = net.init(jax.random.key(0), F)
@@ -206,9 +219,12 @@ def test_stack_is_composition_of_unrolls():
         want_carry.append((cf, cb))
         inputs = jnp.concatenate([yf, yb], axis=-1)
     # Sequence 0 is unpadded, so the plain loop is its reference.
-    chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], got_carry),
-                                jax.tree.map(lambda a: a[0], tuple(want_carry)), atol=1e-5,
-                                rtol=0)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda a: a[0], got_carry),
+        jax.tree.map(lambda a: a[0], tuple(want_carry)),
+        atol=1e-5,
+        rtol=0,
+    )
     chex.assert_trees_all_close(got_ys[:, 0], inputs[:, 0], atol=1e-5, rtol=0)
     assert np.all(np.asarray(got_ys[3:, 1]) == 0.0)
 
@@ -239,7 +255,8 @@ def test_stack_dropout_skips_the_last_layer():
     xs = jnp.asarray(np.random.default_rng(1).standard_normal((T, 2, F)), jnp.float32)
     chex.assert_trees_all_equal(
         net.apply(params, net.initial_carry((2,)), xs, dropout_key=jax.random.key(5)),
-        net.apply(params, net.initial_carry((2,)), xs))
+        net.apply(params, net.initial_carry((2,)), xs),
+    )
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_layers=0), dict(dropout=1.0), dict(dropout=-0.1)])

@@ -60,8 +60,9 @@ def np_loss(h, w_out, b_out, targets):
 def measure(cell, params, xs, w_out, b_out, targets, burn_in=0):
     with jax.enable_x64(True):
         readout = lambda h: h @ jnp.asarray(w_out) + jnp.asarray(b_out)
-        prof = analysis.loss_state_gradients(cell, params(), jnp.asarray(xs),
-                                             jnp.asarray(targets), readout, burn_in=burn_in)
+        prof = analysis.loss_state_gradients(
+            cell, params(), jnp.asarray(xs), jnp.asarray(targets), readout, burn_in=burn_in
+        )
         return np.asarray(prof.state), np.asarray(prof.hidden)
 
 
@@ -160,12 +161,12 @@ def test_min_cells_jacobian_is_the_product_of_their_gates(name):
     if name == "mingru":
         a = 1.0 - sig(z[..., :H])
     else:
-        f, i = sig(z[..., :H]), sig(z[..., H:2 * H])
+        f, i = sig(z[..., :H]), sig(z[..., H : 2 * H])
         a = f / (f + i)
     a = a[burn:]
     expected = [np.full(B, math.sqrt(H))]
     for k in range(1, T - burn):
-        expected.append(np.linalg.norm(np.prod(a[T - burn - k:], axis=0), axis=-1))
+        expected.append(np.linalg.norm(np.prod(a[T - burn - k :], axis=0), axis=-1))
     with jax.enable_x64(True):
         params = MinParams(w_ih=jnp.asarray(w), b=jnp.asarray(bias))
         measured = analysis.state_jacobian_norms(cell, params, jnp.asarray(xs), burn_in=burn)
@@ -196,7 +197,7 @@ def test_tanh_rnn_vanishes_and_lstm_with_forget_bias_one_falls_less():
     assert g_rnn.shape == (steps + 1, 8)
     rnn_fall = g_rnn[steps] / g_rnn[0]
     lstm_fall = g_lstm[steps] / g_lstm[0]
-    assert np.all(rnn_fall <= scale ** steps * (1 + 1e-9))  # at least 1e15 over 50 steps
+    assert np.all(rnn_fall <= scale**steps * (1 + 1e-9))  # at least 1e15 over 50 steps
     assert np.all(rnn_fall > 0)
     # The LSTM's cell state decays by its forget gate, sigmoid(~1) ~ 0.73, not by 0.5.
     assert np.median(lstm_fall) > 1e4 * np.median(rnn_fall)
@@ -227,15 +228,41 @@ def test_recall_batch_targets_the_token_gap_steps_back():
 
 
 def test_recall_task_is_learned_at_a_short_gap():
-    result = _race.train_recall("gru", 3, hidden=16, embed=8, steps=150, batch=32, lr=1e-2,
-                                   eval_size=256)
+    result = _race.train_recall(
+        "gru", 3, hidden=16, embed=8, steps=150, batch=32, lr=1e-2, eval_size=256
+    )
     assert result.accuracy > 0.95 and result.loss < 0.3
 
 
-TINY = ["--hidden", "8", "--embed", "4", "--window", "12", "--burn-in", "3", "--examples", "3",
-        "--jacobian-examples", "1", "--train-chars", "512", "--train-batch", "4",
-        "--train-seq", "16", "--task-gaps", "2", "--task-steps", "3", "--task-hidden", "8",
-        "--task-eval-size", "16", "--no-progress"]
+TINY = [
+    "--hidden",
+    "8",
+    "--embed",
+    "4",
+    "--window",
+    "12",
+    "--burn-in",
+    "3",
+    "--examples",
+    "3",
+    "--jacobian-examples",
+    "1",
+    "--train-chars",
+    "512",
+    "--train-batch",
+    "4",
+    "--train-seq",
+    "16",
+    "--task-gaps",
+    "2",
+    "--task-steps",
+    "3",
+    "--task-hidden",
+    "8",
+    "--task-eval-size",
+    "16",
+    "--no-progress",
+]
 
 
 @pytest.fixture
@@ -270,8 +297,19 @@ def test_main_writes_plots_and_tables(corpus, tmp_path, capsys):
 @pytest.mark.slow
 def test_main_measures_the_min_cells_from_a_comma_list(corpus, tmp_path):
     out = tmp_path / "van"
-    argv = ["--data", str(corpus), "--out", str(out), "--cells", "mingru,minlstm", *TINY,
-            "--jacobian-examples", "0", "--task-steps", "1"]
+    argv = [
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--cells",
+        "mingru,minlstm",
+        *TINY,
+        "--jacobian-examples",
+        "0",
+        "--task-steps",
+        "1",
+    ]
     assert cli.main(argv) == 0
     record = json.loads((out / "results.json").read_text())
     assert list(record["gradients"]) == ["mingru", "minlstm"]
@@ -279,12 +317,15 @@ def test_main_measures_the_min_cells_from_a_comma_list(corpus, tmp_path):
     assert "| minlstm | trained |" in (out / "gradients.md").read_text()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--train-chars", "0"], "--train-chars must be positive"),
-    (["--cells", "rnn", "transformer"], "unknown cell 'transformer'"),
-    (["--task-gaps", "0"], "--task-gaps must be positive"),
-    (["--data", "/no/such/file.txt"], "corpus file not found"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--train-chars", "0"], "--train-chars must be positive"),
+        (["--cells", "rnn", "transformer"], "unknown cell 'transformer'"),
+        (["--task-gaps", "0"], "--task-gaps must be positive"),
+        (["--data", "/no/such/file.txt"], "corpus file not found"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(extra, message, corpus, tmp_path, capsys):
     argv = ["--data", str(corpus), "--out", str(tmp_path / "o"), *TINY, *extra]
     assert _cli.run_main(cli.main, argv) == 2

@@ -47,7 +47,7 @@ def test_negatives_follow_unigram_to_the_three_quarters():
     cdf = w2v.negative_cdf(counts)
     draws = w2v.sample_negatives(cdf, (400_000,), np.random.default_rng(2))
     freq = np.bincount(draws, minlength=len(counts)) / draws.size
-    expected = counts ** 0.75 / np.sum(counts ** 0.75)
+    expected = counts**0.75 / np.sum(counts**0.75)
     np.testing.assert_allclose(freq, expected, atol=0.004)
     # Not the plain unigram distribution: the 0.75 power lifts rare words.
     assert freq[-1] > 2 * counts[-1] / counts.sum()
@@ -72,12 +72,14 @@ def _reference_pairs(corpus, keep, window, seed):
     return pairs, per_centre
 
 
-@pytest.mark.parametrize("segment,per_step,steps,block", [(4, 3, 2, 0), (16, 2, 5, 0),
-                                                         (4, 2, 3, 5)])
+@pytest.mark.parametrize(
+    "segment,per_step,steps,block", [(4, 3, 2, 0), (16, 2, 5, 0), (4, 2, 3, 5)]
+)
 def test_segment_batches_hold_exactly_word2vec_pairs(segment, per_step, steps, block):
     rng = np.random.default_rng(3)
-    sentences = [[f"w{x}" for x in rng.integers(0, 30, size=rng.integers(1, 25))]
-                 for _ in range(60)]
+    sentences = [
+        [f"w{x}" for x in rng.integers(0, 30, size=rng.integers(1, 25))] for _ in range(60)
+    ]
     vocab = w2v.build_vocab(sentences, 2)
     corpus = w2v.encode(sentences, vocab)
     keep = w2v.keep_probabilities(vocab.counts, 0.005)
@@ -85,15 +87,25 @@ def test_segment_batches_hold_exactly_word2vec_pairs(segment, per_step, steps, b
     window = 3
     got = collections.Counter()
     raw = 0.0
-    for chunk in epoch_chunks(corpus, keep, w2v.negative_cdf(vocab.counts), window=window,
-                              segment=segment, segments_per_step=per_step,
-                              steps_per_call=steps, shared_negatives=4, negative_groups=1,
-                              shuffle_block=block, rng=np.random.default_rng(7)):
+    for chunk in epoch_chunks(
+        corpus,
+        keep,
+        w2v.negative_cdf(vocab.counts),
+        window=window,
+        segment=segment,
+        segments_per_step=per_step,
+        steps_per_call=steps,
+        shared_negatives=4,
+        negative_groups=1,
+        shuffle_block=block,
+        rng=np.random.default_rng(7),
+    ):
         assert chunk.batch.in_ids.shape == (steps, per_step, segment + 2 * window)
         assert chunk.batch.neg_ids.shape == (steps, 1, 4)
         raw += chunk.raw_words
-        flat = w2v.SegmentBatch(*(x.reshape(-1, *x.shape[2:]) if x.ndim == 3 else x
-                                  for x in chunk.batch))
+        flat = w2v.SegmentBatch(
+            *(x.reshape(-1, *x.shape[2:]) if x.ndim == 3 else x for x in chunk.batch)
+        )
         got.update(map(tuple, w2v.pairs_from_batch(flat, window).tolist()))
     expected, _ = _reference_pairs(corpus, keep, window, seed=7)
     assert got == expected
@@ -107,9 +119,17 @@ def test_pairs_per_centre_match_the_shrunk_window_distribution():
     vocab = w2v.build_vocab(sentences, 1)
     corpus = w2v.encode(sentences, vocab)
     _, per_centre = _reference_pairs(corpus, np.ones(len(vocab)), 4, seed=0)
-    chunks = epoch_chunks(corpus, np.ones(len(vocab)), w2v.negative_cdf(vocab.counts),
-                          window=4, segment=8, segments_per_step=8, steps_per_call=4,
-                          shared_negatives=2, rng=np.random.default_rng(0))
+    chunks = epoch_chunks(
+        corpus,
+        np.ones(len(vocab)),
+        w2v.negative_cdf(vocab.counts),
+        window=4,
+        segment=8,
+        segments_per_step=8,
+        steps_per_call=4,
+        shared_negatives=2,
+        rng=np.random.default_rng(0),
+    )
     sizes = []
     for chunk in chunks:
         b = chunk.batch
@@ -134,7 +154,7 @@ def _random_rows(seed, b=4, segment=4, window=2, m=3, d=5, groups=2):
     neg_rows = rng.normal(size=(groups, m, d)).astype(np.float32) * 0.5
     in_sent = rng.integers(0, 2, size=(b, width)).astype(np.int32)
     in_sent[:, :1] = w2v.PAD_SENTENCE
-    out_sent = in_sent[:, window:window + segment]
+    out_sent = in_sent[:, window : window + segment]
     out_win = rng.integers(1, window + 1, size=(b, segment)).astype(np.int32)
     mask = w2v.pair_mask(in_sent, out_sent, out_win, window)
     assert mask.any() and not mask.all()
@@ -167,8 +187,10 @@ def test_skipgram_gradient_matches_a_per_pair_reference():
     got_loss = w2v.skipgram_negative_loss(in_rows, out_rows, neg_rows, mask, k)
     np.testing.assert_allclose(got_loss, loss, rtol=1e-5)
     from jaxseq._w2v_model import skipgram_negative_grads
-    auto = jax.grad(w2v.skipgram_negative_loss, argnums=(0, 1, 2))(in_rows, out_rows,
-                                                                    neg_rows, mask, k)
+
+    auto = jax.grad(w2v.skipgram_negative_loss, argnums=(0, 1, 2))(
+        in_rows, out_rows, neg_rows, mask, k
+    )
     closed = skipgram_negative_grads(in_rows, out_rows, neg_rows, mask, k)
     for a, c_, ref in zip(auto, closed, (g_in, g_out, g_neg)):
         np.testing.assert_allclose(a, ref, rtol=1e-4, atol=1e-6)
@@ -182,8 +204,8 @@ def test_cbow_gradient_matches_autodiff_and_hidden_is_the_context_mean():
     np.testing.assert_allclose(hidden[b, c], in_rows[b][mask[b, c]].mean(0), rtol=1e-5)
     valid = count > 0
     from jaxseq._w2v_model import cbow_negative_grads
-    auto = jax.grad(w2v.cbow_negative_loss, argnums=(0, 1, 2))(hidden, out_rows, neg_rows,
-                                                                valid, 5)
+
+    auto = jax.grad(w2v.cbow_negative_loss, argnums=(0, 1, 2))(hidden, out_rows, neg_rows, valid, 5)
     closed = cbow_negative_grads(hidden, out_rows, neg_rows, valid, 5)
     chex.assert_trees_all_close(auto, closed, rtol=1e-4, atol=1e-6)
 
@@ -228,8 +250,18 @@ def _topic_margin(result, words):
     return np.mean(same), np.mean(other)
 
 
-SMALL = dict(dim=16, window=3, min_count=1, sample=0.0, epochs=3, batch=64, segment=8,
-             negative=3, shared_negatives=8, steps_per_call=4)
+SMALL = dict(
+    dim=16,
+    window=3,
+    min_count=1,
+    sample=0.0,
+    epochs=3,
+    batch=64,
+    segment=8,
+    negative=3,
+    shared_negatives=8,
+    steps_per_call=4,
+)
 
 
 @pytest.mark.parametrize("mode", ["skipgram", "cbow"])
@@ -242,8 +274,9 @@ def test_planted_cooccurrence_is_learned(mode, objective):
     assert same > other + 0.3, (same, other)
     assert result.epochs_done == pytest.approx(1.0) and result.interrupted is None
     # Nearest neighbours of a word are its topic mates.
-    neighbours = [w for w, _ in w2v.most_similar(result.vocab.words, result.vectors,
-                                                 "t0w0", topn=5)]
+    neighbours = [
+        w for w, _ in w2v.most_similar(result.vocab.words, result.vectors, "t0w0", topn=5)
+    ]
     assert set(neighbours) <= set(words[0])
 
 
@@ -261,8 +294,9 @@ def test_large_batches_with_summed_duplicates_do_not_diverge():
     # 24 words and 1024 centres per step: each row sums hundreds of stale pair updates.
     corpus, words = _planted_corpus(sentences=1500)
     big = {**SMALL, "batch": 1024, "segment": 32, "epochs": 4}
-    unlimited = w2v_run.train(corpus, w2v.TrainConfig(**big, dup_limit=1e9), progress=False,
-                          log=lambda msg: None)
+    unlimited = w2v_run.train(
+        corpus, w2v.TrainConfig(**big, dup_limit=1e9), progress=False, log=lambda msg: None
+    )
     blown = unlimited.vectors[np.isfinite(unlimited.vectors)]
     assert blown.size < unlimited.vectors.size or np.abs(blown).max() > 1e3  # plain sums blow up
     limited = w2v_run.train(corpus, w2v.TrainConfig(**big), progress=False)
@@ -281,10 +315,20 @@ def test_train_step_is_traced_once_per_chunk_function():
     params = w2v.init_params(jax.random.key(0), len(prepared.vocab), config.dim)
     opt = w2v.make_optimizer(config, 10)
     state = w2v.TrainState(params, opt.init(params))
-    chunks = list(epoch_chunks(prepared.corpus, prepared.keep, prepared.cdf, window=3,
-                               segment=8, segments_per_step=8, steps_per_call=2,
-                               shared_negatives=8, negative_groups=2,
-                               rng=np.random.default_rng(0)))
+    chunks = list(
+        epoch_chunks(
+            prepared.corpus,
+            prepared.keep,
+            prepared.cdf,
+            window=3,
+            segment=8,
+            segments_per_step=8,
+            steps_per_call=2,
+            shared_negatives=8,
+            negative_groups=2,
+            rng=np.random.default_rng(0),
+        )
+    )
     step = chex.assert_max_traces(n=1)(lambda s, b: w2v.train_step(config, opt, s, b))
     step = jax.jit(step)
     for chunk in chunks[:3]:
@@ -310,13 +354,16 @@ def test_learning_rate_decays_linearly():
 # ------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize("text,kwargs,match", [
-    ("", {}, "no words"),
-    ("a b c\nd e f\n", {"min_count": 5}, "min_count"),
-    ("a b c", {"dim": 0}, "^dim must be positive"),
-    ("a b c", {"window": -1}, "^window must be positive"),
-    ("a b c", {"lr": -0.1}, "^lr must be positive"),
-])
+@pytest.mark.parametrize(
+    "text,kwargs,match",
+    [
+        ("", {}, "no words"),
+        ("a b c\nd e f\n", {"min_count": 5}, "min_count"),
+        ("a b c", {"dim": 0}, "^dim must be positive"),
+        ("a b c", {"window": -1}, "^window must be positive"),
+        ("a b c", {"lr": -0.1}, "^lr must be positive"),
+    ],
+)
 def test_bad_input_is_a_usage_error(text, kwargs, match):
     with pytest.raises(w2v.UsageError, match=match):
         w2v.prepare(w2v.tokenize(text), w2v.TrainConfig(**kwargs))
@@ -379,6 +426,7 @@ def test_spearman_matches_scipy_with_ties():
     y = x + rng.integers(0, 5, size=200)
     np.testing.assert_allclose(w2v.spearman(x, y), stats.spearmanr(x, y).statistic, rtol=1e-10)
     from jaxseq._w2v_eval import rankdata
+
     np.testing.assert_array_equal(rankdata(x), stats.rankdata(x))
 
 
@@ -387,12 +435,17 @@ def test_evaluation_matches_gensim(tmp_path):
     data = w2v.gensim_test_data()
     assert data is not None
     from jaxseq._w2v_eval import read_analogies, read_pairs
+
     rng = np.random.default_rng(0)
     pool = sorted({w.lower() for a, b, _ in read_pairs(data / "wordsim353.tsv") for w in (a, b)})
-    analogy_words = sorted({w for q in read_analogies(data / "questions-words.txt")[:3000]
-                            for w in q})
-    words = list(dict.fromkeys(rng.permutation(pool)[:250].tolist()
-                               + rng.permutation(analogy_words)[:300].tolist()))
+    analogy_words = sorted(
+        {w for q in read_analogies(data / "questions-words.txt")[:3000] for w in q}
+    )
+    words = list(
+        dict.fromkeys(
+            rng.permutation(pool)[:250].tolist() + rng.permutation(analogy_words)[:300].tolist()
+        )
+    )
     vectors = rng.normal(size=(len(words), 12)).astype(np.float32)
     # Plant some structure so a fair number of analogies are answered right.
     idx = {w: i for i, w in enumerate(words)}
@@ -422,17 +475,23 @@ def test_shuffle_is_local_to_blocks():
 
     def segment_sentences(block):
         out = []
-        for chunk in epoch_chunks(corpus, np.ones(len(vocab)), w2v.negative_cdf(vocab.counts),
-                                  rng=np.random.default_rng(0), shuffle_block=block, **kw):
+        for chunk in epoch_chunks(
+            corpus,
+            np.ones(len(vocab)),
+            w2v.negative_cdf(vocab.counts),
+            rng=np.random.default_rng(0),
+            shuffle_block=block,
+            **kw,
+        ):
             for seg in chunk.batch.out_sentence.reshape(-1, 4):
                 if (seg >= 0).any():
                     out.append(seg[seg >= 0].min())
         return np.asarray(out)
 
     local = segment_sentences(10)
-    blocks = [local[i:i + 10] for i in range(0, len(local), 10)]
-    assert all(a.max() < b.min() for a, b in zip(blocks, blocks[1:]))   # blocks stay in order
-    assert any((np.diff(b) < 0).any() for b in blocks)                   # shuffled inside
+    blocks = [local[i : i + 10] for i in range(0, len(local), 10)]
+    assert all(a.max() < b.min() for a, b in zip(blocks, blocks[1:]))  # blocks stay in order
+    assert any((np.diff(b) < 0).any() for b in blocks)  # shuffled inside
     full = segment_sentences(0)
     assert sorted(full.tolist()) == sorted(local.tolist())
-    assert (np.diff(full[:len(full) // 2]) < 0).sum() > len(full) // 8  # shuffled throughout
+    assert (np.diff(full[: len(full) // 2]) < 0).sum() > len(full) // 8  # shuffled throughout

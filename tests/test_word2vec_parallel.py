@@ -11,15 +11,34 @@ import pytest
 
 from experiments import _cli
 from experiments import word2vec as cli
-from experiments import word2vec as w2v_run
 from jaxseq import word2vec as w2v
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FOUR = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 # 16 segments of 8 centres per step, 4 negative groups: 4 segments and 1 group per device.
-ARGS = ["--dim", "16", "--window", "3", "--min-count", "1", "--epochs", "2", "--batch", "128",
-        "--segment", "8", "--negative", "3", "--shared-negatives", "8", "--negative-groups", "4",
-        "--steps-per-call", "4", "--no-progress"]
+ARGS = [
+    "--dim",
+    "16",
+    "--window",
+    "3",
+    "--min-count",
+    "1",
+    "--epochs",
+    "2",
+    "--batch",
+    "128",
+    "--segment",
+    "8",
+    "--negative",
+    "3",
+    "--shared-negatives",
+    "8",
+    "--negative-groups",
+    "4",
+    "--steps-per-call",
+    "4",
+    "--no-progress",
+]
 # Negative sampling with gathered updates is bitwise equal on this corpus (max difference
 # 0.0 measured); the bound leaves room for summation order in other XLA versions.
 ATOL = 1e-5
@@ -45,8 +64,14 @@ def single(corpus, tmp_path_factory):
 
 def run(args, env_extra=None, module=("-m", "experiments.word2vec")):
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.Popen([sys.executable, *module, *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, *module, *map(str, args)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -97,8 +122,10 @@ def test_cbow_and_softmax_on_four_devices(corpus):
 
 def test_too_many_devices_is_one_line(corpus, tmp_path, capsys):
     for devices, message in (("2", "device(s) available"), ("0", "must be positive")):
-        code = _cli.run_main(cli.main, ["--data", str(corpus), "--out", str(tmp_path / "r"),
-                                        "--devices", devices, *ARGS])
+        code = _cli.run_main(
+            cli.main,
+            ["--data", str(corpus), "--out", str(tmp_path / "r"), "--devices", devices, *ARGS],
+        )
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
@@ -117,9 +144,26 @@ def test_batch_must_divide_over_devices(corpus, tmp_path):
 def test_two_processes_match_one(corpus, single, tmp_path, free_port):
     out = tmp_path / "two"
     port = free_port
-    procs = [run(["--data", corpus, "--out", out, *ARGS, "--query", "w1", "--coordinator",
-                  f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", i])
-             for i in range(2)]
+    procs = [
+        run(
+            [
+                "--data",
+                corpus,
+                "--out",
+                out,
+                *ARGS,
+                "--query",
+                "w1",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                2,
+                "--process-id",
+                i,
+            ]
+        )
+        for i in range(2)
+    ]
     results = [p.communicate(timeout=120) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err
