@@ -321,6 +321,48 @@ def _parser():
     return p
 
 
+def run_record(r) -> dict:
+    """One run's entry in ``results.json``."""
+    return {
+        "label": r.label,
+        "cell": r.config.cell,
+        "input": r.config.input,
+        "hidden": r.config.hidden,
+        "parameters": r.n_params,
+        "steps": r.steps,
+        "chars": r.chars,
+        "seconds": r.seconds,
+        "chars_per_s": r.chars / r.seconds if r.seconds > 0 else None,
+        "best_val_loss": _finite_or_none(r.best_val),
+        "best_val_bpc": _finite_or_none(r.best_val / math.log(2)),
+        "diverged": r.diverged,
+        "history": r.history,
+    }
+
+
+def write_samples(out: pathlib.Path, results, vocab: CharVocab, config) -> list[str]:
+    """``samples.md``: a sample from each run that did not diverge (none if length is 0)."""
+    samples = []
+    for r in results:
+        if config.sample_length and not r.diverged:
+            body = _race.sample_text(
+                r.model,
+                r.params,
+                vocab,
+                length=config.sample_length,
+                seed=config.seed,
+                temperature=config.temperature,
+            )
+            samples.append(
+                f"## {r.label}\n\nbest validation {r.best_val:.4f} nats/char, "
+                f"temperature {config.temperature}, primed with a newline\n\n"
+                f"```text\n{body}\n```\n"
+            )
+    if samples:
+        (out / "samples.md").write_text("# Samples\n\n" + "\n".join(samples))
+    return samples
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _malloc.retain_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -366,47 +408,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         out / "val_loss.png",
         f"Char LM validation loss, budget {budget.describe()} per run",
     )
-    samples = []
-    for r in results:
-        if config.sample_length and not r.diverged:
-            body = _race.sample_text(
-                r.model,
-                r.params,
-                vocab,
-                length=config.sample_length,
-                seed=config.seed,
-                temperature=config.temperature,
-            )
-            samples.append(
-                f"## {r.label}\n\nbest validation {r.best_val:.4f} nats/char, "
-                f"temperature {config.temperature}, primed with a newline\n\n"
-                f"```text\n{body}\n```\n"
-            )
-    if samples:
-        (out / "samples.md").write_text("# Samples\n\n" + "\n".join(samples))
+    samples = write_samples(out, results, vocab, config)
     record = {
         "command": command,
         "config": dataclasses.asdict(config),
         "machine": machine,
         "budget": budget._asdict(),
-        "runs": [
-            {
-                "label": r.label,
-                "cell": r.config.cell,
-                "input": r.config.input,
-                "hidden": r.config.hidden,
-                "parameters": r.n_params,
-                "steps": r.steps,
-                "chars": r.chars,
-                "seconds": r.seconds,
-                "chars_per_s": r.chars / r.seconds if r.seconds > 0 else None,
-                "best_val_loss": _finite_or_none(r.best_val),
-                "best_val_bpc": _finite_or_none(r.best_val / math.log(2)),
-                "diverged": r.diverged,
-                "history": r.history,
-            }
-            for r in results
-        ],
+        "runs": [run_record(r) for r in results],
     }
     (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     print(table, end="")

@@ -328,6 +328,32 @@ def _parser():
     return p
 
 
+def run_recall_tasks(cfg, progress: bool) -> list:
+    """The recall task for every (gap, cell), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    jobs = [(g, c) for g in sorted(set(cfg.task_gaps)) for c in cfg.cells]
+    recall = []
+    for gap, cell in tqdm(
+        jobs, desc="recall task", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    ):
+        recall.append(
+            _race.train_recall(
+                cell,
+                gap,
+                hidden=cfg.task_hidden,
+                steps=cfg.task_steps,
+                batch=cfg.task_batch,
+                lr=cfg.lr,
+                num_symbols=cfg.task_symbols,
+                num_noise=cfg.task_noise,
+                eval_size=cfg.task_eval_size,
+                seed=cfg.seed,
+            )
+        )
+    return recall
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _malloc.retain_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -344,7 +370,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)
 
     import jax
-    from tqdm.auto import tqdm
 
     models = {c: build_model(cfg.shakespeare_config(c), vocab.size) for c in cfg.cells}
     profiles = {c: {} for c in cfg.cells}
@@ -375,26 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             r.model, r.params, windows, burn_in=cfg.burn_in, jacobian_examples=cfg.jacobian_examples
         )
 
-    gaps = sorted(set(cfg.task_gaps))
-    recall = []
-    jobs = [(g, c) for g in gaps for c in cfg.cells]
-    for gap, cell in tqdm(
-        jobs, desc="recall task", disable=not args.progress, file=sys.stderr, dynamic_ncols=True
-    ):
-        recall.append(
-            _race.train_recall(
-                cell,
-                gap,
-                hidden=cfg.task_hidden,
-                steps=cfg.task_steps,
-                batch=cfg.task_batch,
-                lr=cfg.lr,
-                num_symbols=cfg.task_symbols,
-                num_noise=cfg.task_noise,
-                eval_size=cfg.task_eval_size,
-                seed=cfg.seed,
-            )
-        )
+    recall = run_recall_tasks(cfg, args.progress)
 
     machine = machine_summary()
     machine["load_average_at_start"] = machine_before["load_average"]

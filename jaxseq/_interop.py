@@ -72,6 +72,31 @@ class TorchRNNInfo(NamedTuple):
 _TORCH_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
 
 
+def _torch_arrays(state_dict: Mapping[str, Any], prefix: str) -> dict:
+    """``{(kind, layer, reverse): array}`` from the keys under ``prefix``; other keys raise."""
+    arrays: dict[tuple[str, int, int], np.ndarray] = {}
+    unexpected = []
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            continue
+        match = _TORCH_KEY.match(key[len(prefix) :])
+        if match is None:
+            unexpected.append(key)
+            continue
+        kind, layer, reverse = match.group(1), int(match.group(2)), match.group(3) is not None
+        arrays[(kind, layer, int(reverse))] = np.asarray(value)
+    if unexpected:
+        hint = (
+            " (an LSTM with proj_size > 0 is not supported)"
+            if any("weight_hr" in k for k in unexpected)
+            else ""
+        )
+        raise ValueError(f"unexpected state_dict keys {sorted(unexpected)}{hint}")
+    if not arrays:
+        raise ValueError(f"no recurrent weights found in the state_dict (prefix {prefix!r})")
+    return arrays
+
+
 def from_torch_state_dict(
     state_dict: Mapping[str, Any],
     cell_name: str,
@@ -129,26 +154,7 @@ def from_torch_state_dict(
     if cell_name not in _NUM_GATES:
         raise ValueError(f"unknown cell {cell_name!r}; choose from {', '.join(_NUM_GATES)}")
     gates = _NUM_GATES[cell_name]
-    arrays: dict[tuple[str, int, int], np.ndarray] = {}
-    unexpected = []
-    for key, value in state_dict.items():
-        if not key.startswith(prefix):
-            continue
-        match = _TORCH_KEY.match(key[len(prefix) :])
-        if match is None:
-            unexpected.append(key)
-            continue
-        kind, layer, reverse = match.group(1), int(match.group(2)), match.group(3) is not None
-        arrays[(kind, layer, int(reverse))] = np.asarray(value)
-    if unexpected:
-        hint = (
-            " (an LSTM with proj_size > 0 is not supported)"
-            if any("weight_hr" in k for k in unexpected)
-            else ""
-        )
-        raise ValueError(f"unexpected state_dict keys {sorted(unexpected)}{hint}")
-    if not arrays:
-        raise ValueError(f"no recurrent weights found in the state_dict (prefix {prefix!r})")
+    arrays = _torch_arrays(state_dict, prefix)
 
     found_layers = 1 + max(layer for _, layer, _ in arrays)
     found_bidirectional = any(d == 1 for _, _, d in arrays)
