@@ -781,6 +781,50 @@ def _malloc_mode(config: TrainBenchConfig, impl: str) -> str:
     )
 
 
+def _train_record(
+    config: TrainBenchConfig,
+    impl: str,
+    cell: str,
+    hidden: int,
+    speed: dict,
+    times: list,
+    ready: dict,
+    rss: float,
+    load,
+) -> dict:
+    """One JSON record of the training benchmark (``speed``: chars/s of every impl)."""
+    return {
+        "bench": "charlm",
+        "impl": impl,
+        "cell": cell,
+        "hidden": hidden,
+        "layers": config.layers,
+        "batch": config.batch,
+        "seq": config.seq,
+        "dtype": (
+            "float32" if impl == "torch" else "bfloat16" if impl == "jaxseq-bf16" else config.dtype
+        ),
+        "chars_per_s": speed[impl],
+        "step_s_median": statistics.median(times),
+        "step_s": times,
+        "vs_torch": speed[impl] / speed["torch"] if "torch" in speed else None,
+        "vs_flax": speed[impl] / speed["flax"] if "flax" in speed else None,
+        "compile_s": ready.get("compile_s"),
+        "first_step_s": ready.get("first_step_s"),
+        "peak_rss_mb": rss,
+        "rss_mode": "process" if config.in_process else "worker",
+        "cores": list(config.cores) or None,
+        "device": ready.get("device"),
+        "xla_flags": (
+            config.xla_flags + (" " + config.jaxseq_xla_flags if impl == "jaxseq+flags" else "")
+        ).strip()
+        if impl != "torch"
+        else None,
+        "malloc": "process" if config.in_process else _malloc_mode(config, impl),
+        "load_1min": load,
+    }
+
+
 def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str], bar):
     base = dict(
         cell=cell,
@@ -828,46 +872,10 @@ def _run_group(config: TrainBenchConfig, cell: str, hidden: int, impls: list[str
 
     chars = config.batch * config.seq
     speed = {impl: chars / statistics.median(t) for impl, t in times.items()}
-    records = []
-    for impl in impls:
-        records.append(
-            {
-                "bench": "charlm",
-                "impl": impl,
-                "cell": cell,
-                "hidden": hidden,
-                "layers": config.layers,
-                "batch": config.batch,
-                "seq": config.seq,
-                "dtype": (
-                    "float32"
-                    if impl == "torch"
-                    else "bfloat16"
-                    if impl == "jaxseq-bf16"
-                    else config.dtype
-                ),
-                "chars_per_s": speed[impl],
-                "step_s_median": statistics.median(times[impl]),
-                "step_s": times[impl],
-                "vs_torch": speed[impl] / speed["torch"] if "torch" in speed else None,
-                "vs_flax": speed[impl] / speed["flax"] if "flax" in speed else None,
-                "compile_s": ready[impl].get("compile_s"),
-                "first_step_s": ready[impl].get("first_step_s"),
-                "peak_rss_mb": rss[impl],
-                "rss_mode": "process" if config.in_process else "worker",
-                "cores": list(config.cores) or None,
-                "device": ready[impl].get("device"),
-                "xla_flags": (
-                    config.xla_flags
-                    + (" " + config.jaxseq_xla_flags if impl == "jaxseq+flags" else "")
-                ).strip()
-                if impl != "torch"
-                else None,
-                "malloc": "process" if config.in_process else _malloc_mode(config, impl),
-                "load_1min": load,
-            }
-        )
-    return records
+    return [
+        _train_record(config, impl, cell, hidden, speed, times[impl], ready[impl], rss[impl], load)
+        for impl in impls
+    ]
 
 
 # ================================================================= sampling benchmark
@@ -946,6 +954,29 @@ def _sample_fns(config: SampleBenchConfig, cell: str, hidden: int, batch: int, i
     return {k: fns[k] for k in impls}
 
 
+def _time_samples(config: SampleBenchConfig, cell: str, hidden: int, batch: int, impls, bar):
+    """``(first, times)``: each implementation's first (compiling) run, then
+    ``config.repeats`` interleaved timed runs of each."""
+    fns = _sample_fns(config, cell, hidden, batch, impls)
+    first = {}
+    for impl, fn in fns.items():
+        bar.set_description(f"{cell} H={hidden} batch {batch}: first {impl}")
+        start = time.perf_counter()
+        fn()
+        first[impl] = time.perf_counter() - start
+        bar.update(1)
+    times = {impl: [] for impl in fns}
+    bar.set_description(f"{cell} H={hidden} batch {batch}: timing")
+    for r in range(config.repeats):
+        order = impls[r % len(impls) :] + impls[: r % len(impls)]
+        for impl in order:
+            start = time.perf_counter()
+            fns[impl]()
+            times[impl].append(time.perf_counter() - start)
+            bar.update(1)
+    return first, times
+
+
 def sample_main(argv: Sequence[str] | None = None) -> int:
     config = _parse(
         SampleBenchConfig,
@@ -974,23 +1005,7 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         for cell, hidden, batch in groups:
-            fns = _sample_fns(config, cell, hidden, batch, impls)
-            first = {}
-            for impl, fn in fns.items():
-                bar.set_description(f"{cell} H={hidden} batch {batch}: first {impl}")
-                start = time.perf_counter()
-                fn()
-                first[impl] = time.perf_counter() - start
-                bar.update(1)
-            times = {impl: [] for impl in fns}
-            bar.set_description(f"{cell} H={hidden} batch {batch}: timing")
-            for r in range(config.repeats):
-                order = impls[r % len(impls) :] + impls[: r % len(impls)]
-                for impl in order:
-                    start = time.perf_counter()
-                    fns[impl]()
-                    times[impl].append(time.perf_counter() - start)
-                    bar.update(1)
+            first, times = _time_samples(config, cell, hidden, batch, impls, bar)
             speed = {
                 impl: batch * config.length / statistics.median(t) for impl, t in times.items()
             }
